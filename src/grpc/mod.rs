@@ -1,0 +1,5 @@
+//! The gRPC door: tonic services, and the conversion between protobuf and domain types.
+
+pub mod parse;
+pub mod server;
+pub mod service;

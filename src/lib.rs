@@ -1,0 +1,28 @@
+//! fraudgate: real-time fraud scoring for payment authorisation.
+//!
+//! Data flows one way: a door (gRPC, CSV replay) parses input into a validated
+//! [`domain::Transaction`], the transport-free [`engine::Engine`] reads and updates the
+//! event-time [`state`], [`features`] turns that into one fixed-order vector, the [`model`]
+//! scores it, and [`policy`] turns the score into a decision with reasons.
+
+pub mod dataset;
+pub mod domain;
+pub mod engine;
+pub mod features;
+pub mod grpc;
+pub mod ids;
+pub mod model;
+pub mod policy;
+pub mod sim;
+pub mod state;
+pub mod train;
+
+/// Code generated from `proto/fraudgate/v1/fraudgate.proto`.
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("fraudgate.v1");
+
+    /// Encoded descriptor set of the fraudgate protos, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/fraudgate_descriptor.bin"));
+}

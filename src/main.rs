@@ -1,0 +1,253 @@
+//! `fraudgate`: a thin command line over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fraudgate::engine::EngineConfig;
+use fraudgate::grpc::server::{self, ModelSource, ServeConfig};
+use fraudgate::model::forest::ForestParams;
+use fraudgate::model::hst::HstParams;
+use fraudgate::sim::{self, SimParams};
+use fraudgate::train::{self, TrainParams};
+
+/// Real-time fraud scoring over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "fraudgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the FraudScorer gRPC API (with health and reflection).
+    Serve(ServeArgs),
+    /// Write a simulated, labelled payment stream as CSV.
+    Simulate(SimulateArgs),
+    /// Train a model directory from a labelled CSV.
+    Train(TrainArgs),
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (try 7d, 36h, 90s)"))
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Model directory (default: the model compiled into the binary, models/default).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Policy file (TOML): thresholds, block lists, limits. Default: the model's thresholds,
+    /// no rules.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Directory for the server's files (created if missing).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Transactions remembered for idempotent retries and feedback.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_tracked_transactions: usize,
+    /// Refuse event times further than this ahead of the wall clock, e.g. 1d (default: accept
+    /// any valid time, as replays of history need).
+    #[arg(long, value_parser = duration)]
+    max_future_skew: Option<Duration>,
+    /// How long in-flight calls may run after SIGTERM or Ctrl-C.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    shutdown_grace: Duration,
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// CSV file to write.
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value_t = 5_000)]
+    accounts: usize,
+    #[arg(long, default_value_t = 2_000)]
+    merchants: usize,
+    #[arg(long, default_value_t = 90)]
+    days: u32,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// First day (UTC).
+    #[arg(long, default_value = "2025-01-01")]
+    start: chrono::NaiveDate,
+    /// Multiplies the rate of every fraud pattern.
+    #[arg(long, default_value_t = 1.0)]
+    fraud_scale: f64,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Labelled CSV (see the README for the schema).
+    #[arg(long)]
+    input: PathBuf,
+    /// Model directory to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// Delay between a fraud and its label reaching the server (chargebacks are late).
+    #[arg(long, value_parser = duration, default_value = "7d")]
+    label_delay: Duration,
+    /// Days at the start used only to warm up the windows.
+    #[arg(long, default_value_t = 7)]
+    burn_in_days: u32,
+    /// Days before the holdout used to choose thresholds and the anomaly weight.
+    #[arg(long, default_value_t = 14)]
+    validation_days: u32,
+    /// Last days of the input, held out for evaluation.
+    #[arg(long, default_value_t = 21)]
+    holdout_days: u32,
+    /// Most rows to fit on (all frauds, legitimate rows sampled and weighted).
+    #[arg(long, default_value_t = 60_000)]
+    max_fit_rows: usize,
+    #[arg(long, default_value_t = 60)]
+    trees: usize,
+    #[arg(long, default_value_t = 12)]
+    max_depth: u16,
+    #[arg(long, default_value_t = 10)]
+    min_samples_leaf: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Hide the progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig {
+        model: args.model.map_or(ModelSource::Embedded, ModelSource::Dir),
+        policy: args.policy,
+        data_dir: args.data_dir,
+        engine: EngineConfig {
+            max_tracked_transactions: args.max_tracked_transactions,
+        },
+        max_future_skew: args.max_future_skew,
+        shutdown_grace: args.shutdown_grace,
+        ..ServeConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        server::run(listener, config, shutdown_signal()).await
+    })
+}
+
+fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let start = args
+        .start
+        .and_hms_opt(0, 0, 0)
+        .context("start date")?
+        .and_utc()
+        .timestamp();
+    let params = SimParams {
+        accounts: args.accounts,
+        merchants: args.merchants,
+        days: args.days,
+        seed: args.seed,
+        start,
+        fraud_scale: args.fraud_scale,
+    };
+    let (rows, frauds) = sim::simulate(&params, &args.output)?;
+    println!(
+        "wrote {rows} transactions ({frauds} fraud, {:.2}%) to {}",
+        100.0 * frauds as f64 / rows.max(1) as f64,
+        args.output.display()
+    );
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let params = TrainParams {
+        input: args.input,
+        output: args.output,
+        label_delay_secs: args.label_delay.as_secs() as i64,
+        burn_in_days: args.burn_in_days,
+        validation_days: args.validation_days,
+        holdout_days: args.holdout_days,
+        max_fit_rows: args.max_fit_rows,
+        forest: ForestParams {
+            n_trees: args.trees,
+            max_depth: args.max_depth,
+            min_samples_leaf: args.min_samples_leaf,
+            mtry: None,
+            seed: args.seed,
+        },
+        hst: HstParams {
+            seed: args.seed,
+            ..HstParams::default()
+        },
+        progress: !args.quiet,
+        ..TrainParams::default()
+    };
+    let report = train::train(&params)?;
+    let s = &report.summary;
+    println!("model {} written to {}", report.version, params.output.display());
+    println!(
+        "replayed {} rows ({} fraud) from {} to {}; fitted on {} rows ({} fraud) in {:.1} s total",
+        s.rows, s.frauds, s.period[0], s.period[1], s.fitted_rows, s.fitted_frauds, s.seconds
+    );
+    for (name, m) in [("validation", &report.validation), ("holdout", &report.holdout)] {
+        println!(
+            "{name:>10}: {} rows, {} fraud, AUC ROC {:.4}, average precision {:.4}",
+            m.rows, m.frauds, m.auc_roc, m.average_precision
+        );
+    }
+    println!(
+        "thresholds: review {:.4}, deny {:.4}; anomaly weight {}",
+        report.thresholds.review, report.thresholds.deny, report.anomaly_weight
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Simulate(args) => simulate(args),
+        Command::Train(args) => train(args),
+    }
+}

@@ -1,0 +1,235 @@
+//! Streaming half-space trees (Tan, Ting & Liu, "Fast anomaly detection for streaming data",
+//! IJCAI 2011): an anomaly detector that learns as it scores, in constant memory.
+//!
+//! The tree structure is drawn once from a seed and never depends on data, so two processes
+//! with the same parameters build the same trees. Each node counts how many recent
+//! transactions fell into its half-space: a reference window (used for scoring) and the
+//! latest window (being filled). Every `window` transactions the latest becomes the
+//! reference. A transaction in sparsely populated space has a low mass, hence a high anomaly.
+//!
+//! Shared by every request through the [`crate::model::Model`]; the masses sit behind one
+//! mutex held for a few hundred nanoseconds per transaction (never across an await), which
+//! also makes the learning order — and so every score — deterministic for a given order of
+//! requests.
+
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::features::{FeatureVector, FEATURES};
+
+/// Shape of the forest of half-space trees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HstParams {
+    pub n_trees: usize,
+    pub depth: u32,
+    /// Transactions per window.
+    pub window: u32,
+    pub seed: u64,
+}
+
+impl Default for HstParams {
+    fn default() -> Self {
+        HstParams {
+            n_trees: 25,
+            depth: 8,
+            window: 1_000,
+            seed: 7,
+        }
+    }
+}
+
+/// The learned part: node masses, saved in a model directory so a server starts warm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HstMass {
+    pub reference: Vec<u32>,
+    pub latest: Vec<u32>,
+    /// Transactions in `latest` so far.
+    pub seen: u32,
+}
+
+/// A forest of half-space trees over the features that have an anomaly range.
+#[derive(Debug)]
+pub struct HalfSpaceTrees {
+    params: HstParams,
+    /// Feature indices the trees split on, with their ranges.
+    dims: Vec<(usize, f64, f64)>,
+    /// Per tree, per internal node (heap order): index into `dims`, and split value in [0, 1]
+    /// units.
+    split_dim: Vec<u8>,
+    split_at: Vec<f64>,
+    mass: Mutex<HstMass>,
+}
+
+impl HalfSpaceTrees {
+    fn internal(&self) -> usize {
+        (1 << self.params.depth) - 1
+    }
+
+    fn nodes(&self) -> usize {
+        (1 << (self.params.depth + 1)) - 1
+    }
+
+    /// Builds the trees for `params`, with empty masses.
+    pub fn new(params: HstParams) -> HalfSpaceTrees {
+        let dims: Vec<(usize, f64, f64)> = FEATURES
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.anomaly_range.map(|(lo, hi)| (i, lo, hi)))
+            .collect();
+        let internal = (1usize << params.depth) - 1;
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        let mut split_dim = Vec::with_capacity(params.n_trees * internal);
+        let mut split_at = Vec::with_capacity(params.n_trees * internal);
+        for _ in 0..params.n_trees {
+            // Work ranges as in the paper: a random point s, range s -/+ 2 max(s, 1 - s).
+            let mut lo = Vec::with_capacity(dims.len());
+            let mut hi = Vec::with_capacity(dims.len());
+            for _ in &dims {
+                let s: f64 = rng.gen();
+                let r = 2.0 * s.max(1.0 - s);
+                lo.push(s - r);
+                hi.push(s + r);
+            }
+            let mut ranges = vec![(lo, hi)];
+            let mut tree_dim = vec![0u8; internal];
+            let mut tree_at = vec![0.0; internal];
+            // Breadth-first in heap order: node i's children are 2i+1 and 2i+2.
+            for node in 0..internal {
+                let (lo, hi) = ranges[node].clone();
+                let q = rng.gen_range(0..dims.len());
+                let mid = (lo[q] + hi[q]) / 2.0;
+                tree_dim[node] = q as u8;
+                tree_at[node] = mid;
+                let (mut left_hi, mut right_lo) = (hi.clone(), lo.clone());
+                left_hi[q] = mid;
+                right_lo[q] = mid;
+                ranges.push((lo, left_hi));
+                ranges.push((right_lo, hi));
+            }
+            split_dim.extend(tree_dim);
+            split_at.extend(tree_at);
+        }
+        let nodes = params.n_trees * ((1 << (params.depth + 1)) - 1);
+        HalfSpaceTrees {
+            params,
+            dims,
+            split_dim,
+            split_at,
+            mass: Mutex::new(HstMass {
+                reference: vec![0; nodes],
+                latest: vec![0; nodes],
+                seen: 0,
+            }),
+        }
+    }
+
+    /// Builds the trees for `params` and starts from saved masses.
+    pub fn with_mass(params: HstParams, mass: HstMass) -> anyhow::Result<HalfSpaceTrees> {
+        let hst = HalfSpaceTrees::new(params);
+        let nodes = params.n_trees * hst.nodes();
+        anyhow::ensure!(
+            mass.reference.len() == nodes && mass.latest.len() == nodes,
+            "anomaly model masses have {} nodes, the parameters need {nodes}",
+            mass.reference.len()
+        );
+        *hst.mass.lock() = mass;
+        Ok(hst)
+    }
+
+    pub fn params(&self) -> HstParams {
+        self.params
+    }
+
+    /// A copy of the current masses, for saving.
+    pub fn mass(&self) -> HstMass {
+        self.mass.lock().clone()
+    }
+
+    /// The mass score of `x` against the reference window (higher = more normal), then
+    /// learns `x` into the latest window.
+    pub fn score_and_learn(&self, x: &FeatureVector) -> f64 {
+        let mut point = [0.0f64; 32];
+        for (p, &(i, lo, hi)) in point.iter_mut().zip(&self.dims) {
+            *p = ((x[i] - lo) / (hi - lo)).clamp(0.0, 1.0);
+        }
+        let (internal, nodes, depth) = (self.internal(), self.nodes(), self.params.depth);
+        let size_limit = (self.params.window / 10).max(1);
+        let mut mass = self.mass.lock();
+        let mut score = 0.0;
+        for t in 0..self.params.n_trees {
+            let (splits, base) = (t * internal, t * nodes);
+            let mut node = 0usize;
+            let mut scored = false;
+            for level in 0..=depth {
+                let m = mass.reference[base + node];
+                if !scored && (level == depth || m < size_limit) {
+                    score += m as f64 * (1u64 << level) as f64;
+                    scored = true;
+                }
+                mass.latest[base + node] += 1;
+                if level == depth {
+                    break;
+                }
+                let q = self.split_dim[splits + node] as usize;
+                node = if point[q] < self.split_at[splits + node] {
+                    2 * node + 1
+                } else {
+                    2 * node + 2
+                };
+            }
+        }
+        mass.seen += 1;
+        if mass.seen >= self.params.window {
+            let HstMass {
+                reference, latest, ..
+            } = &mut *mass;
+            std::mem::swap(reference, latest);
+            latest.iter_mut().for_each(|m| *m = 0);
+            mass.seen = 0;
+        }
+        score
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::N_FEATURES;
+
+    fn point(v: f64) -> FeatureVector {
+        let mut x = [0.0; N_FEATURES];
+        x[0] = v; // amount_log, range 0..10
+        x[10] = 1.0;
+        x
+    }
+
+    #[test]
+    fn rare_points_score_lower_mass_than_common_ones() {
+        let hst = HalfSpaceTrees::new(HstParams {
+            window: 200,
+            ..HstParams::default()
+        });
+        for i in 0..1_000 {
+            hst.score_and_learn(&point(3.0 + (i % 10) as f64 * 0.01));
+        }
+        let common = hst.score_and_learn(&point(3.05));
+        let rare = hst.score_and_learn(&point(9.5));
+        assert!(rare < common, "rare {rare} should be below common {common}");
+    }
+
+    #[test]
+    fn same_seed_same_scores() {
+        let a = HalfSpaceTrees::new(HstParams::default());
+        let b = HalfSpaceTrees::new(HstParams::default());
+        for i in 0..3_000 {
+            let x = point((i % 97) as f64 / 10.0);
+            assert_eq!(
+                a.score_and_learn(&x).to_bits(),
+                b.score_and_learn(&x).to_bits()
+            );
+        }
+        assert_eq!(a.mass(), b.mass());
+    }
+}

@@ -1,0 +1,161 @@
+//! Everything the engine remembers between requests: per-entity windows in dashmaps and the
+//! store of recent transactions (idempotency and feedback).
+//!
+//! Shared by reference from the [`crate::engine::Engine`]; every method is synchronous and
+//! holds a map guard only for the few hundred nanoseconds it reads or writes one entry.
+//! Lock order, everywhere: a transaction's entry, then account, merchant, device, IP. No
+//! method holds two entries of the same map.
+
+pub mod entity;
+pub mod txstore;
+pub mod window;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use dashmap::DashMap;
+use rustc_hash::FxBuildHasher;
+
+use crate::domain::{EventTime, Transaction};
+use crate::ids::EntityKey;
+use entity::{AccountState, AccountView, EntityState, EntityView, EXPIRY_SECS};
+
+/// How late an event may arrive, relative to the newest event seen anywhere, and still see
+/// an idle entity exactly as if it had never been evicted.
+pub const ALLOWED_LATENESS_SECS: i64 = 86_400;
+
+type Map<V> = DashMap<EntityKey, V, FxBuildHasher>;
+
+/// What was known, before a transaction, about each entity it involves.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Snapshot {
+    pub account: AccountView,
+    pub merchant: EntityView,
+    pub device: Option<EntityView>,
+    pub ip: Option<EntityView>,
+}
+
+/// The entities a scored transaction touched, kept so feedback can find them again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxFacts {
+    pub account: EntityKey,
+    pub merchant: EntityKey,
+    pub device: Option<EntityKey>,
+    pub ip: Option<EntityKey>,
+    pub event_time: EventTime,
+}
+
+impl TxFacts {
+    pub fn of(tx: &Transaction) -> TxFacts {
+        TxFacts {
+            account: tx.account,
+            merchant: tx.merchant,
+            device: tx.device,
+            ip: tx.ip,
+            event_time: tx.event_time,
+        }
+    }
+}
+
+/// Numbers of tracked entities by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EntityCounts {
+    pub accounts: usize,
+    pub merchants: usize,
+    pub devices: usize,
+    pub ips: usize,
+}
+
+/// The per-entity windows of every account, merchant, device and IP address.
+#[derive(Debug, Default)]
+pub struct State {
+    accounts: Map<AccountState>,
+    merchants: Map<EntityState>,
+    devices: Map<EntityState>,
+    ips: Map<EntityState>,
+    /// Newest event time seen in any transaction; drives eviction.
+    watermark: AtomicI64,
+}
+
+impl State {
+    pub fn new() -> State {
+        State {
+            watermark: AtomicI64::new(i64::MIN),
+            ..State::default()
+        }
+    }
+
+    /// Returns what was known before `tx` and records `tx` in every window it belongs to.
+    pub fn observe(&self, tx: &Transaction) -> Snapshot {
+        let t = tx.event_time;
+        self.watermark.fetch_max(t, Ordering::Relaxed);
+        let account = self
+            .accounts
+            .entry(tx.account)
+            .or_default()
+            .observe(t, tx.amount, tx.merchant);
+        let merchant = observe(&self.merchants, tx.merchant, t, tx.amount);
+        let device = tx.device.map(|k| observe(&self.devices, k, t, tx.amount));
+        let ip = tx.ip.map(|k| observe(&self.ips, k, t, tx.amount));
+        Snapshot {
+            account,
+            merchant,
+            device,
+            ip,
+        }
+    }
+
+    /// Adds `delta` (+1 fraud, -1 correction) to the fraud counts of every entity of a past
+    /// transaction, in the buckets of its event time.
+    pub fn add_fraud(&self, facts: &TxFacts, delta: i32) {
+        let t = facts.event_time;
+        if let Some(mut a) = self.accounts.get_mut(&facts.account) {
+            a.windows.add_fraud(t, delta);
+        }
+        add_fraud(&self.merchants, facts.merchant, t, delta);
+        if let Some(k) = facts.device {
+            add_fraud(&self.devices, k, t, delta);
+        }
+        if let Some(k) = facts.ip {
+            add_fraud(&self.ips, k, t, delta);
+        }
+    }
+
+    /// Removes entities idle for longer than the longest window (plus the allowed lateness)
+    /// behind the newest event seen. Returns how many were removed. Unobservable by scores
+    /// for events no later than [`ALLOWED_LATENESS_SECS`].
+    pub fn evict_idle(&self) -> usize {
+        let watermark = self.watermark.load(Ordering::Relaxed);
+        if watermark == i64::MIN {
+            return 0;
+        }
+        let horizon = watermark.saturating_sub(EXPIRY_SECS + ALLOWED_LATENESS_SECS);
+        let before = self.counts();
+        let fresh = |h: Option<EventTime>| h.is_some_and(|h| h >= horizon);
+        self.accounts.retain(|_, a| fresh(a.windows.head()));
+        for map in [&self.merchants, &self.devices, &self.ips] {
+            map.retain(|_, e| fresh(e.windows.head()));
+        }
+        let after = self.counts();
+        (before.accounts + before.merchants + before.devices + before.ips)
+            - (after.accounts + after.merchants + after.devices + after.ips)
+    }
+
+    pub fn counts(&self) -> EntityCounts {
+        EntityCounts {
+            accounts: self.accounts.len(),
+            merchants: self.merchants.len(),
+            devices: self.devices.len(),
+            ips: self.ips.len(),
+        }
+    }
+}
+
+fn observe(map: &Map<EntityState>, key: EntityKey, t: EventTime, amount: f64) -> EntityView {
+    map.entry(key).or_default().observe(t, amount)
+}
+
+fn add_fraud(map: &Map<EntityState>, key: EntityKey, t: EventTime, delta: i32) {
+    if let Some(mut e) = map.get_mut(&key) {
+        e.windows.add_fraud(t, delta);
+    }
+}

@@ -1,0 +1,144 @@
+//! Recent transactions: the stored answers that make `Score` idempotent, and the facts
+//! feedback needs to find a transaction's entities again.
+//!
+//! Bounded by a count: once full, the oldest-scored transaction is forgotten first (a retry of
+//! it would then be scored afresh, and feedback on it gets NOT_FOUND). Shared by the engine;
+//! the check-and-insert for one id happens under that id's map entry, so two concurrent
+//! requests with one id cannot both be counted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use rustc_hash::FxBuildHasher;
+
+use super::TxFacts;
+use crate::domain::{FeedbackOutcome, Label, Scored};
+use crate::ids::TxKey;
+
+/// One scored transaction.
+#[derive(Debug, Clone)]
+pub struct TxRecord {
+    /// [`crate::domain::Transaction::fingerprint`] of the payload first scored.
+    pub fingerprint: u64,
+    pub facts: TxFacts,
+    pub label: Option<Label>,
+    pub scored: Arc<Scored>,
+}
+
+/// A retry reused a transaction id with a different payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict;
+
+/// Feedback named a transaction that is unknown or already forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotFound;
+
+/// The bounded store of recent transactions.
+#[derive(Debug)]
+pub struct TxStore {
+    map: DashMap<TxKey, TxRecord, FxBuildHasher>,
+    /// Keys in the order they were first scored, for eviction.
+    order: Mutex<VecDeque<TxKey>>,
+    capacity: usize,
+}
+
+impl TxStore {
+    /// A store that remembers at most `capacity` transactions (at least 1).
+    pub fn new(capacity: usize) -> TxStore {
+        TxStore {
+            map: DashMap::with_hasher(FxBuildHasher),
+            order: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Returns the stored answer for `key` (replayed = true) if its fingerprint matches, a
+    /// [`Conflict`] if not, and otherwise runs `score` once, stores and returns its answer.
+    /// `score` runs under the entry's lock: it must not touch this store.
+    pub fn score_once(
+        &self,
+        key: TxKey,
+        fingerprint: u64,
+        score: impl FnOnce() -> (TxFacts, Arc<Scored>),
+    ) -> Result<(Arc<Scored>, bool), Conflict> {
+        let scored = match self.map.entry(key) {
+            Entry::Occupied(e) => {
+                let rec = e.get();
+                return if rec.fingerprint == fingerprint {
+                    Ok((Arc::clone(&rec.scored), true))
+                } else {
+                    Err(Conflict)
+                };
+            }
+            Entry::Vacant(v) => {
+                let (facts, scored) = score();
+                v.insert(TxRecord {
+                    fingerprint,
+                    facts,
+                    label: None,
+                    scored: Arc::clone(&scored),
+                });
+                scored
+            }
+        };
+        let evicted = {
+            let mut order = self.order.lock();
+            order.push_back(key);
+            if order.len() > self.capacity {
+                order.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some(old) = evicted {
+            self.map.remove(&old);
+        }
+        Ok((scored, false))
+    }
+
+    /// Sets the label of `key`; when it changes, calls `on_change` with the transaction's
+    /// facts and the change in its fraud count (+1, -1 or 0) under the entry's lock, so
+    /// concurrent feedback on one transaction is applied in one order.
+    pub fn set_label(
+        &self,
+        key: TxKey,
+        label: Label,
+        on_change: impl FnOnce(&TxFacts, i32),
+    ) -> Result<FeedbackOutcome, NotFound> {
+        let mut rec = self.map.get_mut(&key).ok_or(NotFound)?;
+        let previous = rec.label;
+        if previous == Some(label) {
+            return Ok(FeedbackOutcome {
+                applied: false,
+                previous,
+            });
+        }
+        let delta = match (previous, label) {
+            (Some(Label::Fraud), Label::Legitimate) => -1,
+            (_, Label::Fraud) => 1,
+            _ => 0,
+        };
+        rec.label = Some(label);
+        on_change(&rec.facts, delta);
+        Ok(FeedbackOutcome {
+            applied: true,
+            previous,
+        })
+    }
+
+    /// The label currently recorded for `key`, if the transaction is known.
+    pub fn label(&self, key: TxKey) -> Result<Option<Label>, NotFound> {
+        self.map.get(&key).map(|r| r.label).ok_or(NotFound)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
