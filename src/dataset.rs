@@ -171,6 +171,7 @@ pub fn read_from(input: impl std::io::Read) -> anyhow::Result<Vec<Record>> {
                     device_id: opt(3).to_owned(),
                     ip_address: opt(4).to_owned(),
                 }),
+                explain: false,
             };
             let tx = parse::transaction(req, &limits)?;
             Ok(Record { tx, label })

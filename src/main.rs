@@ -71,7 +71,7 @@ struct SimulateArgs {
     accounts: usize,
     #[arg(long, default_value_t = 2_000)]
     merchants: usize,
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 120)]
     days: u32,
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -104,13 +104,13 @@ struct TrainArgs {
     #[arg(long, default_value_t = 21)]
     holdout_days: u32,
     /// Most rows to fit on (all frauds, legitimate rows sampled and weighted).
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 150_000)]
     max_fit_rows: usize,
     #[arg(long, default_value_t = 60)]
     trees: usize,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 16)]
     max_depth: u16,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 3)]
     min_samples_leaf: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -244,6 +244,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),

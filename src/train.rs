@@ -60,7 +60,7 @@ impl Default for TrainParams {
             burn_in_days: 7,
             validation_days: 14,
             holdout_days: 21,
-            max_fit_rows: 60_000,
+            max_fit_rows: 150_000,
             forest: ForestParams::default(),
             hst: HstParams::default(),
             review_precision: 0.2,

@@ -9,7 +9,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::parse::{self, FieldError, ParseLimits};
 use crate::domain::{Decision, Label, ScoreOutcome};
-use crate::engine::Engine;
+use crate::engine::{Engine, Traced};
+use crate::features::FEATURES;
 use crate::proto::{self, fraud_scorer_server::FraudScorer};
 use crate::state::txstore::{Conflict, NotFound};
 
@@ -82,7 +83,25 @@ pub fn to_proto(transaction_id: String, outcome: &ScoreOutcome) -> proto::ScoreR
         model_version: s.model_version.to_string(),
         replayed: outcome.replayed,
         error: None,
+        features: Vec::new(),
     }
+}
+
+/// The response for a traced score, with the features when `explain` was asked for.
+fn respond(transaction_id: String, traced: Traced, explain: bool) -> proto::ScoreResponse {
+    let mut resp = to_proto(transaction_id, &traced.outcome);
+    if let (true, Some((features, prediction))) = (explain, traced.detail) {
+        resp.features = FEATURES
+            .iter()
+            .zip(features.iter().zip(prediction.contributions.iter()))
+            .map(|(spec, (&value, &contribution))| proto::FeatureValue {
+                name: spec.name.to_owned(),
+                value,
+                contribution,
+            })
+            .collect();
+    }
+    resp
 }
 
 /// One ScoreStream item: a response, or a response carrying the item's error.
@@ -105,12 +124,13 @@ fn score_item(
         }),
         ..Default::default()
     };
+    let explain = req.explain;
     match parse::transaction(req, limits) {
         Err(FieldError { field, message }) => {
             error("INVALID_ARGUMENT", field, format!("{field}: {message}"))
         }
-        Ok(tx) => match engine.score(&tx) {
-            Ok(outcome) => to_proto(tx.id, &outcome),
+        Ok(tx) => match engine.score_traced(&tx) {
+            Ok(traced) => respond(tx.id, traced, explain),
             Err(Conflict) => error(
                 "ALREADY_EXISTS",
                 "transaction.transaction_id",
@@ -129,9 +149,11 @@ impl FraudScorer for ScorerService {
         request: Request<proto::ScoreRequest>,
     ) -> Result<Response<proto::ScoreResponse>, Status> {
         let engine = self.engine()?;
-        let tx = parse::transaction(request.into_inner(), &self.limits())?;
-        let outcome = engine.score(&tx).map_err(|Conflict| conflict(&tx.id))?;
-        Ok(Response::new(to_proto(tx.id, &outcome)))
+        let req = request.into_inner();
+        let explain = req.explain;
+        let tx = parse::transaction(req, &self.limits())?;
+        let traced = engine.score_traced(&tx).map_err(|Conflict| conflict(&tx.id))?;
+        Ok(Response::new(respond(tx.id, traced, explain)))
     }
 
     type ScoreStreamStream = ResponseStream;

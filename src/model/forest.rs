@@ -46,8 +46,8 @@ impl Default for ForestParams {
     fn default() -> Self {
         ForestParams {
             n_trees: 60,
-            max_depth: 12,
-            min_samples_leaf: 10,
+            max_depth: 16,
+            min_samples_leaf: 3,
             mtry: None,
             seed: 7,
         }
