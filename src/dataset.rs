@@ -109,14 +109,43 @@ pub fn minor_to_amount(minor: i64, exponent: u32) -> String {
     )
 }
 
-/// Reads a labelled CSV. Errors name the line and the column.
+/// One CSV row as the request a client would send.
+#[derive(Debug, Clone)]
+pub struct LabelledRequest {
+    /// Line of the row in the file, for error messages.
+    pub line: u64,
+    pub request: proto::ScoreRequest,
+    /// `Some(true)` fraud, `Some(false)` legitimate, `None` unknown.
+    pub label: Option<bool>,
+}
+
+/// Reads a labelled CSV and validates every row. Errors name the line and the column.
 pub fn read(path: &Path) -> anyhow::Result<Vec<Record>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     read_from(file).with_context(|| format!("reading {}", path.display()))
 }
 
-/// [`read`] from any reader.
+/// [`read`] from any reader: each row through the same validation as a gRPC request.
 pub fn read_from(input: impl std::io::Read) -> anyhow::Result<Vec<Record>> {
+    let limits = ParseLimits::default();
+    read_requests_from(input)?
+        .into_iter()
+        .map(|r| {
+            let tx = parse::transaction(r.request, &limits)
+                .with_context(|| format!("line {}", r.line))?;
+            Ok(Record { tx, label: r.label })
+        })
+        .collect()
+}
+
+/// Reads a labelled CSV into the requests a client would send for it.
+pub fn read_requests(path: &Path) -> anyhow::Result<Vec<LabelledRequest>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    read_requests_from(file).with_context(|| format!("reading {}", path.display()))
+}
+
+/// [`read_requests`] from any reader.
+pub fn read_requests_from(input: impl std::io::Read) -> anyhow::Result<Vec<LabelledRequest>> {
     let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(input);
     let header = reader.headers().context("reading the header")?.clone();
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
@@ -127,7 +156,6 @@ pub fn read_from(input: impl std::io::Read) -> anyhow::Result<Vec<Record>> {
         })?;
     }
     let optional: [Option<usize>; 6] = std::array::from_fn(|i| col(OPTIONAL[i]));
-    let limits = ParseLimits::default();
     let mut out = Vec::new();
     let mut row = csv::StringRecord::new();
     loop {
@@ -139,13 +167,14 @@ pub fn read_from(input: impl std::io::Read) -> anyhow::Result<Vec<Record>> {
         let line = row.position().map_or(0, |p| p.line());
         let get = |i: usize| row.get(i).unwrap_or("").trim();
         let opt = |i: usize| optional[i].map_or("", get);
-        let parsed = (|| -> anyhow::Result<Record> {
+        let parsed = (|| -> anyhow::Result<LabelledRequest> {
             let currency = get(required[4]);
             let (_, exponent) = parse::currency_exponent("currency", currency)?;
-            let amount_minor = amount_to_minor(get(required[3]), exponent)
-                .context("column amount")?;
-            let time = chrono::DateTime::parse_from_rfc3339(get(required[5]))
-                .with_context(|| format!("column event_time: {:?} is not RFC 3339", get(required[5])))?;
+            let amount_minor =
+                amount_to_minor(get(required[3]), exponent).context("column amount")?;
+            let time = chrono::DateTime::parse_from_rfc3339(get(required[5])).with_context(|| {
+                format!("column event_time: {:?} is not RFC 3339", get(required[5]))
+            })?;
             let channel = channel_of(opt(0))
                 .with_context(|| format!("column channel: unknown channel {:?}", opt(0)))?;
             let label = match get(required[6]) {
@@ -154,7 +183,7 @@ pub fn read_from(input: impl std::io::Read) -> anyhow::Result<Vec<Record>> {
                 "" => None,
                 other => bail!("column label: {other:?} is not 1, 0 or empty"),
             };
-            let req = proto::ScoreRequest {
+            let request = proto::ScoreRequest {
                 transaction: Some(proto::Transaction {
                     transaction_id: get(required[0]).to_owned(),
                     account_id: get(required[1]).to_owned(),
@@ -173,8 +202,11 @@ pub fn read_from(input: impl std::io::Read) -> anyhow::Result<Vec<Record>> {
                 }),
                 explain: false,
             };
-            let tx = parse::transaction(req, &limits)?;
-            Ok(Record { tx, label })
+            Ok(LabelledRequest {
+                line,
+                request,
+                label,
+            })
         })();
         out.push(parsed.with_context(|| format!("line {line}"))?);
     }

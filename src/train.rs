@@ -71,11 +71,13 @@ impl Default for TrainParams {
 }
 
 /// One replayed row: what the engine saw, and the truth.
-struct Replayed {
-    time: i64,
-    features: [f64; N_FEATURES],
-    mass: f64,
-    fraud: bool,
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub time: i64,
+    pub features: [f64; N_FEATURES],
+    /// The anomaly model's raw mass score.
+    pub mass: f64,
+    pub fraud: bool,
 }
 
 /// What a training run measured.
@@ -102,8 +104,9 @@ fn progress(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
 }
 
 /// Replays `records` (sorted by event time) through a fresh engine with `model`, reporting
-/// each fraud label `label_delay_secs` after its transaction.
-fn replay(
+/// each fraud label `label_delay_secs` after its transaction (before the first transaction at
+/// or after that time). Exact duplicate rows count once, as retries do.
+pub fn replay(
     records: &[Record],
     model: Model,
     label_delay_secs: i64,
