@@ -83,7 +83,11 @@ pub fn amount_to_minor(text: &str, exponent: u32) -> anyhow::Result<i64> {
         bail!("amount {text:?} has more decimals than the currency's {exponent}");
     }
     let scale = 10i64.pow(exponent);
-    let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().context("amount is too large")? };
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().context("amount is too large")?
+    };
     let frac_minor: i64 = if frac.is_empty() {
         0
     } else {
@@ -146,13 +150,18 @@ pub fn read_requests(path: &Path) -> anyhow::Result<Vec<LabelledRequest>> {
 
 /// [`read_requests`] from any reader.
 pub fn read_requests_from(input: impl std::io::Read) -> anyhow::Result<Vec<LabelledRequest>> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(input);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(input);
     let header = reader.headers().context("reading the header")?.clone();
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
     let mut required = [0usize; 7];
     for (slot, name) in required.iter_mut().zip(REQUIRED) {
         *slot = col(name).with_context(|| {
-            format!("the header has no {name:?} column (need {})", REQUIRED.join(","))
+            format!(
+                "the header has no {name:?} column (need {})",
+                REQUIRED.join(",")
+            )
         })?;
     }
     let optional: [Option<usize>; 6] = std::array::from_fn(|i| col(OPTIONAL[i]));
@@ -172,9 +181,10 @@ pub fn read_requests_from(input: impl std::io::Read) -> anyhow::Result<Vec<Label
             let (_, exponent) = parse::currency_exponent("currency", currency)?;
             let amount_minor =
                 amount_to_minor(get(required[3]), exponent).context("column amount")?;
-            let time = chrono::DateTime::parse_from_rfc3339(get(required[5])).with_context(|| {
-                format!("column event_time: {:?} is not RFC 3339", get(required[5]))
-            })?;
+            let time =
+                chrono::DateTime::parse_from_rfc3339(get(required[5])).with_context(|| {
+                    format!("column event_time: {:?} is not RFC 3339", get(required[5]))
+                })?;
             let channel = channel_of(opt(0))
                 .with_context(|| format!("column channel: unknown channel {:?}", opt(0)))?;
             let label = match get(required[6]) {
@@ -223,7 +233,7 @@ mod tests {
         assert_eq!(amount_to_minor("57.1", 2).unwrap(), 5710);
         assert_eq!(amount_to_minor("57", 2).unwrap(), 5700);
         assert_eq!(amount_to_minor("1500", 0).unwrap(), 1500);
-        assert_eq!(amount_to_minor("0.50", 0).is_err(), true);
+        assert!(amount_to_minor("0.50", 0).is_err());
         assert!(amount_to_minor("12.345", 2).is_err());
         assert!(amount_to_minor("-3.00", 2).is_err());
         assert!(amount_to_minor("abc", 2).is_err());
@@ -238,11 +248,17 @@ mod tests {
                    t1,a1,m1,57.16,EUR,2018-04-01T00:00:31Z,0\n\
                    t2,a1,m1,57.16,EUR,yesterday,0\n";
         let err = format!("{:#}", read_from(csv.as_bytes()).unwrap_err());
-        assert!(err.contains("line 3") && err.contains("event_time"), "{err}");
+        assert!(
+            err.contains("line 3") && err.contains("event_time"),
+            "{err}"
+        );
         let csv = "transaction_id,account_id,merchant_id,amount,currency,event_time,label\n\
                    t1,,m1,57.16,EUR,2018-04-01T00:00:31Z,0\n";
         let err = format!("{:#}", read_from(csv.as_bytes()).unwrap_err());
-        assert!(err.contains("line 2") && err.contains("account_id"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("account_id"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -219,12 +219,19 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let report = train::train(&params)?;
     let s = &report.summary;
-    println!("model {} written to {}", report.version, params.output.display());
+    println!(
+        "model {} written to {}",
+        report.version,
+        params.output.display()
+    );
     println!(
         "replayed {} rows ({} fraud) from {} to {}; fitted on {} rows ({} fraud) in {:.1} s total",
-        s.rows, s.frauds, s.period[0], s.period[1], s.fitted_rows, s.fitted_frauds, s.seconds
+        s.rows, s.frauds, s.period[0], s.period[1], s.fitted_rows, s.fitted_frauds, report.seconds
     );
-    for (name, m) in [("validation", &report.validation), ("holdout", &report.holdout)] {
+    for (name, m) in [
+        ("validation", &report.validation),
+        ("holdout", &report.holdout),
+    ] {
         println!(
             "{name:>10}: {} rows, {} fraud, AUC ROC {:.4}, average precision {:.4}",
             m.rows, m.frauds, m.auc_roc, m.average_precision

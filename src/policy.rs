@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::domain::{Decision, Reason, Transaction};
 use crate::features::{FeatureVector, FEATURES, N_FEATURES};
-use crate::ids::{entity_key, EntityKind, EntityKey};
+use crate::ids::{entity_key, EntityKey, EntityKind};
 use crate::model::{Prediction, Thresholds};
 use crate::state::Snapshot;
 
@@ -125,10 +125,26 @@ pub struct Policy {
 }
 
 const BLOCK_RULES: [(EntityKind, &str, &str); 4] = [
-    (EntityKind::Account, "RULE_BLOCKLIST_ACCOUNT", "account is on the block list"),
-    (EntityKind::Merchant, "RULE_BLOCKLIST_MERCHANT", "merchant is on the block list"),
-    (EntityKind::Device, "RULE_BLOCKLIST_DEVICE", "device is on the block list"),
-    (EntityKind::Ip, "RULE_BLOCKLIST_IP", "IP address is on the block list"),
+    (
+        EntityKind::Account,
+        "RULE_BLOCKLIST_ACCOUNT",
+        "account is on the block list",
+    ),
+    (
+        EntityKind::Merchant,
+        "RULE_BLOCKLIST_MERCHANT",
+        "merchant is on the block list",
+    ),
+    (
+        EntityKind::Device,
+        "RULE_BLOCKLIST_DEVICE",
+        "device is on the block list",
+    ),
+    (
+        EntityKind::Ip,
+        "RULE_BLOCKLIST_IP",
+        "IP address is on the block list",
+    ),
 ];
 
 impl Policy {
@@ -160,7 +176,9 @@ impl Policy {
                 .try_into()
                 .ok()
                 .filter(|b: &[u8; 3]| b.iter().all(u8::is_ascii_uppercase))
-                .with_context(|| format!("limits.max_amount_minor_by_currency: {code:?} is not a currency code"))?;
+                .with_context(|| {
+                    format!("limits.max_amount_minor_by_currency: {code:?} is not a currency code")
+                })?;
             by_currency.insert(bytes, *limit);
         }
         Ok(Policy {
@@ -205,12 +223,25 @@ impl Policy {
         let mut rule = |hit: bool, action: Decision, code, feature, value: f64, text| {
             if hit {
                 decision = decision.max(action);
-                reasons.push(Reason { code, feature, value, contribution: 0.0, text });
+                reasons.push(Reason {
+                    code,
+                    feature,
+                    value,
+                    contribution: 0.0,
+                    text,
+                });
             }
         };
         let keys = [Some(tx.account), Some(tx.merchant), tx.device, tx.ip];
         for ((key, set), (_, code, text)) in keys.iter().zip(&self.blocked).zip(BLOCK_RULES) {
-            rule(key.is_some_and(|k| set.contains(&k)), Decision::Deny, code, "blocklist", 1.0, text);
+            rule(
+                key.is_some_and(|k| set.contains(&k)),
+                Decision::Deny,
+                code,
+                "blocklist",
+                1.0,
+                text,
+            );
         }
         let limit = self
             .max_amount_by_currency
@@ -250,11 +281,12 @@ impl Policy {
         let mut used = [false; N_FEATURES];
         let mut anomaly_used = false;
         for _ in 0..settings.max_model_reasons {
-            let best = (0..N_FEATURES)
-                .filter(|&i| !used[i])
-                .max_by(|&a, &b| prediction.contributions[a].total_cmp(&prediction.contributions[b]));
+            let best = (0..N_FEATURES).filter(|&i| !used[i]).max_by(|&a, &b| {
+                prediction.contributions[a].total_cmp(&prediction.contributions[b])
+            });
             let feature_best = best.map_or(0.0, |i| prediction.contributions[i]);
-            if !anomaly_used && anomaly_contribution >= settings.min_contribution.max(feature_best) {
+            if !anomaly_used && anomaly_contribution >= settings.min_contribution.max(feature_best)
+            {
                 anomaly_used = true;
                 reasons.push(Reason {
                     code: "ANOMALY",

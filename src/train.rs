@@ -84,6 +84,9 @@ pub struct Replayed {
 #[derive(Debug, Clone)]
 pub struct TrainReport {
     pub version: String,
+    /// Wall time of the whole run (kept out of model.json so a model directory is
+    /// byte-for-byte reproducible).
+    pub seconds: f64,
     pub summary: TrainingSummary,
     pub validation: Metrics,
     pub holdout: Metrics,
@@ -131,7 +134,10 @@ pub fn replay(
             }
         }
         let traced = engine.score_traced(&rec.tx).map_err(|_| {
-            anyhow::anyhow!("transaction id {:?} appears twice with different data", rec.tx.id)
+            anyhow::anyhow!(
+                "transaction id {:?} appears twice with different data",
+                rec.tx.id
+            )
         })?;
         let Some((features, prediction)) = traced.detail else {
             continue; // an exact duplicate row: a retry, counted once
@@ -234,11 +240,23 @@ fn rfc3339(t: i64) -> String {
 pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
     let started = Instant::now();
     let mut records = dataset::read(&params.input)?;
-    anyhow::ensure!(!records.is_empty(), "{} has no rows", params.input.display());
+    anyhow::ensure!(
+        !records.is_empty(),
+        "{} has no rows",
+        params.input.display()
+    );
     records.sort_by_key(|r| (r.tx.event_time, r.tx.event_nanos));
-    let (first, last) = (records[0].tx.event_time, records[records.len() - 1].tx.event_time);
+    let (first, last) = (
+        records[0].tx.event_time,
+        records[records.len() - 1].tx.event_time,
+    );
 
-    let (engine, rows) = replay(&records, Model::untrained(params.hst), params.label_delay_secs, params.progress)?;
+    let (engine, rows) = replay(
+        &records,
+        Model::untrained(params.hst),
+        params.label_delay_secs,
+        params.progress,
+    )?;
     let total_frauds = rows.iter().filter(|r| r.fraud).count();
     drop(records);
 
@@ -256,15 +274,28 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
     );
 
     // The anomaly sub-score is calibrated on the replay's own mass scores after burn-in.
-    let mut masses: Vec<f64> = rows.iter().filter(|r| r.time >= burn_in_end).map(|r| r.mass).collect();
+    let mut masses: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.time >= burn_in_end)
+        .map(|r| r.mass)
+        .collect();
     masses.sort_by(f64::total_cmp);
-    let quantiles: Vec<f64> = (0..=256).map(|i| masses[(i * (masses.len() - 1)) / 256]).collect();
+    let quantiles: Vec<f64> = (0..=256)
+        .map(|i| masses[(i * (masses.len() - 1)) / 256])
+        .collect();
 
     // Fitting set: every fraud, legitimate rows sampled and weighted back up.
-    let fit: Vec<&Replayed> = rows.iter().filter(|r| r.time >= burn_in_end && r.time < validation_from).collect();
+    let fit: Vec<&Replayed> = rows
+        .iter()
+        .filter(|r| r.time >= burn_in_end && r.time < validation_from)
+        .collect();
     let fit_frauds = fit.iter().filter(|r| r.fraud).count();
     let legit = fit.len() - fit_frauds;
-    let keep = if legit == 0 { 1.0 } else { ((params.max_fit_rows.saturating_sub(fit_frauds)) as f64 / legit as f64).min(1.0) };
+    let keep = if legit == 0 {
+        1.0
+    } else {
+        ((params.max_fit_rows.saturating_sub(fit_frauds)) as f64 / legit as f64).min(1.0)
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(params.forest.seed);
     let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
     for r in &fit {
@@ -274,9 +305,16 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
             w.push(if r.fraud { 1.0 } else { 1.0 / keep });
         }
     }
-    anyhow::ensure!(fit_frauds > 0, "no fraud in the fitting period: nothing to learn from");
+    anyhow::ensure!(
+        fit_frauds > 0,
+        "no fraud in the fitting period: nothing to learn from"
+    );
     if params.progress {
-        eprintln!("fitting {} trees on {} rows ({fit_frauds} fraud)...", params.forest.n_trees, y.len());
+        eprintln!(
+            "fitting {} trees on {} rows ({fit_frauds} fraud)...",
+            params.forest.n_trees,
+            y.len()
+        );
     }
     let smartcore_model = fit_smartcore(&x, N_FEATURES, &y, Some(&w), &params.forest)?;
     let forest = CompiledForest::from_smartcore(&smartcore_model, N_FEATURES)?;
@@ -285,7 +323,10 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         let a = Model::anomaly_of_mass(&quantiles, r.mass);
         (1.0 - weight) * forest.predict(&r.features) + weight * a
     };
-    let validation: Vec<&Replayed> = rows.iter().filter(|r| r.time >= validation_from && r.time < holdout_from).collect();
+    let validation: Vec<&Replayed> = rows
+        .iter()
+        .filter(|r| r.time >= validation_from && r.time < holdout_from)
+        .collect();
     let holdout: Vec<&Replayed> = rows.iter().filter(|r| r.time >= holdout_from).collect();
     let truth = |set: &[&Replayed]| set.iter().map(|r| r.fraud).collect::<Vec<bool>>();
     let (val_truth, hold_truth) = (truth(&validation), truth(&holdout));
@@ -298,16 +339,28 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         }
     }
     let anomaly_weight = best.1;
-    let val_scores: Vec<f64> = validation.iter().map(|r| score_of(r, anomaly_weight)).collect();
+    let val_scores: Vec<f64> = validation
+        .iter()
+        .map(|r| score_of(r, anomaly_weight))
+        .collect();
     let deny = threshold_for_precision(&val_scores, &val_truth, params.deny_precision);
-    let review = threshold_for_precision(&val_scores, &val_truth, params.review_precision).min(deny);
+    let review =
+        threshold_for_precision(&val_scores, &val_truth, params.review_precision).min(deny);
     let thresholds = Thresholds { review, deny };
     let val_metrics = metrics(&val_scores, &val_truth);
-    let hold_scores: Vec<f64> = holdout.iter().map(|r| score_of(r, anomaly_weight)).collect();
+    let hold_scores: Vec<f64> = holdout
+        .iter()
+        .map(|r| score_of(r, anomaly_weight))
+        .collect();
     let hold_metrics = metrics(&hold_scores, &hold_truth);
 
     let forest_hash = xxhash_rust::xxh3::xxh3_64(&serde_json::to_vec(&forest)?);
-    let version = format!("fg-{}-{forest_hash:012x}", chrono::DateTime::from_timestamp(last, 0).map(|d| d.format("%Y%m%d").to_string()).unwrap_or_default());
+    let version = format!(
+        "fg-{}-{forest_hash:012x}",
+        chrono::DateTime::from_timestamp(last, 0)
+            .map(|d| d.format("%Y%m%d").to_string())
+            .unwrap_or_default()
+    );
     let summary = TrainingSummary {
         input: params.input.display().to_string(),
         rows: rows.len(),
@@ -318,7 +371,6 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         fitted_frauds: fit_frauds,
         validation_from: rfc3339(validation_from),
         holdout_from: rfc3339(holdout_from),
-        seconds: started.elapsed().as_secs_f64(),
     };
     let meta = ModelMeta {
         format: FORMAT,
@@ -341,9 +393,12 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         holdout: Some(hold_metrics),
     };
     let model = Model::from_parts(meta, Some(forest), engine.model().anomaly_mass())?;
-    model.save(&params.output).with_context(|| format!("writing the model to {}", params.output.display()))?;
+    model
+        .save(&params.output)
+        .with_context(|| format!("writing the model to {}", params.output.display()))?;
     Ok(TrainReport {
         version,
+        seconds: started.elapsed().as_secs_f64(),
         summary,
         validation: val_metrics,
         holdout: hold_metrics,

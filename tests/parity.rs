@@ -34,7 +34,12 @@ fn small_stream(dir: &tempfile::TempDir) -> (PathBuf, Vec<LabelledRequest>) {
 }
 
 fn id(r: &LabelledRequest) -> String {
-    r.request.transaction.as_ref().unwrap().transaction_id.clone()
+    r.request
+        .transaction
+        .as_ref()
+        .unwrap()
+        .transaction_id
+        .clone()
 }
 
 #[tokio::test]
@@ -67,8 +72,13 @@ async fn training_replay_and_the_server_compute_the_same_features() {
     let mut records = dataset::read(&path).unwrap();
     records.sort_by_key(|r| (r.tx.event_time, r.tx.event_nanos));
     let delay = 2 * 86_400;
-    let (_, replayed) =
-        train::replay(&records, Model::untrained(HstParams::default()), delay, false).unwrap();
+    let (_, replayed) = train::replay(
+        &records,
+        Model::untrained(HstParams::default()),
+        delay,
+        false,
+    )
+    .unwrap();
     assert_eq!(replayed.len(), requests.len());
 
     let server = TestServer::start().await;
@@ -76,7 +86,14 @@ async fn training_replay_and_the_server_compute_the_same_features() {
     let mut pending: VecDeque<(i64, String)> = VecDeque::new();
     let mut nonzero_merchant_rates = 0;
     for (i, (r, want)) in requests.iter().zip(&replayed).enumerate() {
-        let t = r.request.transaction.as_ref().unwrap().event_time.unwrap().seconds;
+        let t = r
+            .request
+            .transaction
+            .as_ref()
+            .unwrap()
+            .event_time
+            .unwrap()
+            .seconds;
         while pending.front().is_some_and(|(due, _)| *due <= t) {
             let (_, id) = pending.pop_front().unwrap();
             client.report_feedback(fraud(&id)).await.unwrap();
@@ -92,5 +109,8 @@ async fn training_replay_and_the_server_compute_the_same_features() {
         }
         nonzero_merchant_rates += usize::from(common::feature(&resp, "merch_fraud_rate_30d") > 0.0);
     }
-    assert!(nonzero_merchant_rates > 50, "delayed labels must reach the features ({nonzero_merchant_rates})");
+    assert!(
+        nonzero_merchant_rates > 50,
+        "delayed labels must reach the features ({nonzero_merchant_rates})"
+    );
 }

@@ -21,7 +21,11 @@ async fn score_answers_with_a_decision_score_and_reasons() {
     assert!((0.0..=1.0).contains(&resp.score), "score {}", resp.score);
     assert!((0.0..=1.0).contains(&resp.anomaly_score));
     assert!((0.0..=1.0).contains(&resp.classifier_score));
-    assert!(resp.model_version.starts_with("fg-"), "{}", resp.model_version);
+    assert!(
+        resp.model_version.starts_with("fg-"),
+        "{}",
+        resp.model_version
+    );
     assert!(!resp.replayed);
     assert!(resp.error.is_none());
     assert!(!resp.reasons.is_empty(), "a first payment has reasons");
@@ -35,16 +39,35 @@ async fn score_answers_with_a_decision_score_and_reasons() {
 async fn retry_returns_the_stored_answer_and_counts_once() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let first = client.score(req(tx("r-1", "acct-r", "m-r", 5_000, 0))).await.unwrap().into_inner();
-    let again = client.score(req(tx("r-1", "acct-r", "m-r", 5_000, 0))).await.unwrap().into_inner();
+    let first = client
+        .score(req(tx("r-1", "acct-r", "m-r", 5_000, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .score(req(tx("r-1", "acct-r", "m-r", 5_000, 0)))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(again.replayed);
     assert_eq!(
-        proto::ScoreResponse { replayed: false, ..again },
+        proto::ScoreResponse {
+            replayed: false,
+            ..again
+        },
         first,
         "the retry gets the same answer"
     );
-    let next = client.score(explain(tx("r-2", "acct-r", "m-r", 5_000, 60))).await.unwrap().into_inner();
-    assert_eq!(feature(&next, "acct_count_1h"), 1.0, "the retried payment counts once");
+    let next = client
+        .score(explain(tx("r-2", "acct-r", "m-r", 5_000, 60)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        feature(&next, "acct_count_1h"),
+        1.0,
+        "the retried payment counts once"
+    );
     assert_eq!(feature(&next, "merch_count_1h"), 1.0);
 }
 
@@ -52,14 +75,25 @@ async fn retry_returns_the_stored_answer_and_counts_once() {
 async fn conflicting_retry_is_refused_and_not_counted() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    client.score(req(tx("c-1", "acct-c", "m-c", 5_000, 0))).await.unwrap();
+    client
+        .score(req(tx("c-1", "acct-c", "m-c", 5_000, 0)))
+        .await
+        .unwrap();
     let err = client
         .score(req(tx("c-1", "acct-c", "m-c", 7_000, 0)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
-    assert!(err.message().contains("transaction_id"), "{}", err.message());
-    let next = client.score(explain(tx("c-2", "acct-c", "m-c", 5_000, 60))).await.unwrap().into_inner();
+    assert!(
+        err.message().contains("transaction_id"),
+        "{}",
+        err.message()
+    );
+    let next = client
+        .score(explain(tx("c-2", "acct-c", "m-c", 5_000, 60)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(feature(&next, "acct_count_1h"), 1.0);
 }
 
@@ -68,16 +102,30 @@ async fn stream_answers_each_request_in_order_as_it_arrives() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let (send, recv) = tokio::sync::mpsc::channel(4);
-    let mut responses = client.score_stream(ReceiverStream::new(recv)).await.unwrap().into_inner();
+    let mut responses = client
+        .score_stream(ReceiverStream::new(recv))
+        .await
+        .unwrap()
+        .into_inner();
     // One at a time: each answer must arrive before the next request is sent, so nothing
     // can be held back waiting for later requests.
     for i in 0..50 {
-        let mut t = tx(&format!("st-{i}"), &format!("acct-{}", i % 7), "m-s", 1_000 + i, i * 30);
+        let mut t = tx(
+            &format!("st-{i}"),
+            &format!("acct-{}", i % 7),
+            "m-s",
+            1_000 + i,
+            i * 30,
+        );
         if i % 10 == 5 {
             t.amount_minor = 0; // invalid: answered with an item error, stream goes on
         }
         send.send(req(t)).await.unwrap();
-        let resp = responses.message().await.unwrap().expect("one response per request");
+        let resp = responses
+            .message()
+            .await
+            .unwrap()
+            .expect("one response per request");
         assert_eq!(resp.transaction_id, format!("st-{i}"));
         if i % 10 == 5 {
             let e = resp.error.expect("item error");
@@ -91,16 +139,23 @@ async fn stream_answers_each_request_in_order_as_it_arrives() {
     }
     // A burst: all sent first, answers still in order.
     for i in 50..80 {
-        send.send(req(tx(&format!("st-{i}"), "acct-b", "m-s", 1_000, i * 30))).await.unwrap();
+        send.send(req(tx(&format!("st-{i}"), "acct-b", "m-s", 1_000, i * 30)))
+            .await
+            .unwrap();
         let resp = responses.message().await.unwrap().unwrap();
         assert_eq!(resp.transaction_id, format!("st-{i}"));
     }
     // A conflicting retry inside the stream is an item error too.
-    send.send(req(tx("st-1", "acct-1", "m-s", 99, 30))).await.unwrap();
+    send.send(req(tx("st-1", "acct-1", "m-s", 99, 30)))
+        .await
+        .unwrap();
     let resp = responses.message().await.unwrap().unwrap();
     assert_eq!(resp.error.unwrap().code, "ALREADY_EXISTS");
     drop(send);
-    assert!(responses.message().await.unwrap().is_none(), "stream ends when the client ends");
+    assert!(
+        responses.message().await.unwrap().is_none(),
+        "stream ends when the client ends"
+    );
 }
 
 #[tokio::test]
@@ -108,31 +163,70 @@ async fn feedback_changes_the_next_score_at_that_merchant() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let rate = |r: &proto::ScoreResponse| feature(r, "merch_fraud_rate_1d");
-    client.score(req(tx("f-1", "acct-f1", "m-f", 2_000, 0))).await.unwrap();
-    let before = client.score(explain(tx("f-2", "acct-f2", "m-f", 2_000, 60))).await.unwrap().into_inner();
+    client
+        .score(req(tx("f-1", "acct-f1", "m-f", 2_000, 0)))
+        .await
+        .unwrap();
+    let before = client
+        .score(explain(tx("f-2", "acct-f2", "m-f", 2_000, 60)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rate(&before), 0.0);
 
-    let ack = client.report_feedback(fraud("f-1")).await.unwrap().into_inner();
+    let ack = client
+        .report_feedback(fraud("f-1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(ack.applied);
     assert_eq!(ack.previous_label, proto::Label::Unspecified as i32);
-    let after = client.score(explain(tx("f-3", "acct-f3", "m-f", 2_000, 120))).await.unwrap().into_inner();
-    assert_eq!(rate(&after), 0.5, "1 fraud among the merchant's 2 earlier payments");
+    let after = client
+        .score(explain(tx("f-3", "acct-f3", "m-f", 2_000, 120)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rate(&after),
+        0.5,
+        "1 fraud among the merchant's 2 earlier payments"
+    );
     assert_eq!(feature(&after, "merch_frauds_30d"), 1.0);
 
-    let twice = client.report_feedback(fraud("f-1")).await.unwrap().into_inner();
+    let twice = client
+        .report_feedback(fraud("f-1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!twice.applied, "the same label twice counts once");
-    let r4 = client.score(explain(tx("f-4", "acct-f4", "m-f", 2_000, 180))).await.unwrap().into_inner();
+    let r4 = client
+        .score(explain(tx("f-4", "acct-f4", "m-f", 2_000, 180)))
+        .await
+        .unwrap()
+        .into_inner();
     assert!((rate(&r4) - 1.0 / 3.0).abs() < 1e-12);
 
-    let corrected = client.report_feedback(legit("f-1")).await.unwrap().into_inner();
+    let corrected = client
+        .report_feedback(legit("f-1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(corrected.applied);
     assert_eq!(corrected.previous_label, proto::Label::Fraud as i32);
-    let r5 = client.score(explain(tx("f-5", "acct-f5", "m-f", 2_000, 240))).await.unwrap().into_inner();
+    let r5 = client
+        .score(explain(tx("f-5", "acct-f5", "m-f", 2_000, 240)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rate(&r5), 0.0, "a corrected label is taken back");
 
     // The account's own fraud history follows the label too.
     client.report_feedback(fraud("f-2")).await.unwrap();
-    let own = client.score(explain(tx("f-6", "acct-f2", "m-other", 2_000, 300))).await.unwrap().into_inner();
+    let own = client
+        .score(explain(tx("f-6", "acct-f2", "m-other", 2_000, 300)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(feature(&own, "acct_frauds_30d"), 1.0);
 }
 
@@ -140,7 +234,10 @@ async fn feedback_changes_the_next_score_at_that_merchant() {
 async fn feedback_for_an_unknown_transaction_is_not_found() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let err = client.report_feedback(fraud("never-scored")).await.unwrap_err();
+    let err = client
+        .report_feedback(fraud("never-scored"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("never-scored"));
 }
@@ -150,7 +247,10 @@ async fn health_is_serving_for_the_server_and_the_scorer() {
     let server = TestServer::start().await;
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     assert_eq!(server.health("").await.unwrap(), serving);
-    assert_eq!(server.health("fraudgate.v1.FraudScorer").await.unwrap(), serving);
+    assert_eq!(
+        server.health("fraudgate.v1.FraudScorer").await.unwrap(),
+        serving
+    );
     let unknown = server.health("no.such.Service").await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     server.stop().await.unwrap();

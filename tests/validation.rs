@@ -12,37 +12,93 @@ type Mutate = fn(&mut proto::Transaction);
 
 fn cases() -> Vec<(&'static str, &'static str, Mutate)> {
     vec![
-        ("empty transaction_id", "transaction.transaction_id", |t| t.transaction_id.clear()),
-        ("over-long transaction_id", "transaction.transaction_id", |t| t.transaction_id = "x".repeat(129)),
-        ("empty account_id", "transaction.account_id", |t| t.account_id.clear()),
-        ("over-long account_id", "transaction.account_id", |t| t.account_id = "a".repeat(200)),
-        ("empty merchant_id", "transaction.merchant_id", |t| t.merchant_id.clear()),
-        ("over-long merchant_id", "transaction.merchant_id", |t| t.merchant_id = "m".repeat(129)),
-        ("zero amount", "transaction.amount_minor", |t| t.amount_minor = 0),
-        ("negative amount", "transaction.amount_minor", |t| t.amount_minor = -100),
-        ("absurd amount", "transaction.amount_minor", |t| t.amount_minor = i64::MAX),
-        ("empty currency", "transaction.currency", |t| t.currency.clear()),
-        ("lower-case currency", "transaction.currency", |t| t.currency = "eur".into()),
-        ("four-letter currency", "transaction.currency", |t| t.currency = "EURO".into()),
-        ("unknown currency", "transaction.currency", |t| t.currency = "ABC".into()),
-        ("missing event_time", "transaction.event_time", |t| t.event_time = None),
+        ("empty transaction_id", "transaction.transaction_id", |t| {
+            t.transaction_id.clear()
+        }),
+        (
+            "over-long transaction_id",
+            "transaction.transaction_id",
+            |t| t.transaction_id = "x".repeat(129),
+        ),
+        ("empty account_id", "transaction.account_id", |t| {
+            t.account_id.clear()
+        }),
+        ("over-long account_id", "transaction.account_id", |t| {
+            t.account_id = "a".repeat(200)
+        }),
+        ("empty merchant_id", "transaction.merchant_id", |t| {
+            t.merchant_id.clear()
+        }),
+        ("over-long merchant_id", "transaction.merchant_id", |t| {
+            t.merchant_id = "m".repeat(129)
+        }),
+        ("zero amount", "transaction.amount_minor", |t| {
+            t.amount_minor = 0
+        }),
+        ("negative amount", "transaction.amount_minor", |t| {
+            t.amount_minor = -100
+        }),
+        ("absurd amount", "transaction.amount_minor", |t| {
+            t.amount_minor = i64::MAX
+        }),
+        ("empty currency", "transaction.currency", |t| {
+            t.currency.clear()
+        }),
+        ("lower-case currency", "transaction.currency", |t| {
+            t.currency = "eur".into()
+        }),
+        ("four-letter currency", "transaction.currency", |t| {
+            t.currency = "EURO".into()
+        }),
+        ("unknown currency", "transaction.currency", |t| {
+            t.currency = "ABC".into()
+        }),
+        ("missing event_time", "transaction.event_time", |t| {
+            t.event_time = None
+        }),
         ("event_time before year 1", "transaction.event_time", |t| {
-            t.event_time = Some(prost_types::Timestamp { seconds: -62_135_596_801, nanos: 0 })
+            t.event_time = Some(prost_types::Timestamp {
+                seconds: -62_135_596_801,
+                nanos: 0,
+            })
         }),
-        ("event_time after year 9999", "transaction.event_time", |t| {
-            t.event_time = Some(prost_types::Timestamp { seconds: 253_402_300_800, nanos: 0 })
-        }),
+        (
+            "event_time after year 9999",
+            "transaction.event_time",
+            |t| {
+                t.event_time = Some(prost_types::Timestamp {
+                    seconds: 253_402_300_800,
+                    nanos: 0,
+                })
+            },
+        ),
         ("negative nanos", "transaction.event_time", |t| {
-            t.event_time = Some(prost_types::Timestamp { seconds: 0, nanos: -1 })
+            t.event_time = Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: -1,
+            })
         }),
         ("nanos too large", "transaction.event_time", |t| {
-            t.event_time = Some(prost_types::Timestamp { seconds: 0, nanos: 1_000_000_000 })
+            t.event_time = Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: 1_000_000_000,
+            })
         }),
         ("unknown channel", "transaction.channel", |t| t.channel = 42),
-        ("bad merchant category code", "transaction.merchant_category_code", |t| t.merchant_category_code = "54a1".into()),
-        ("bad country", "transaction.country", |t| t.country = "France".into()),
-        ("over-long device_id", "transaction.device_id", |t| t.device_id = "d".repeat(129)),
-        ("bad ip_address", "transaction.ip_address", |t| t.ip_address = "300.1.2.3".into()),
+        (
+            "bad merchant category code",
+            "transaction.merchant_category_code",
+            |t| t.merchant_category_code = "54a1".into(),
+        ),
+        ("bad country", "transaction.country", |t| {
+            t.country = "France".into()
+        }),
+        ("over-long device_id", "transaction.device_id", |t| {
+            t.device_id = "d".repeat(129)
+        }),
+        ("bad ip_address", "transaction.ip_address", |t| {
+            t.ip_address = "300.1.2.3".into()
+        }),
     ]
 }
 
@@ -61,14 +117,24 @@ async fn every_invalid_transaction_is_refused_naming_its_field() {
         mutate(&mut t);
         let err = client.score(req(t)).await.expect_err(name);
         assert_eq!(err.code(), Code::InvalidArgument, "{name}");
-        assert!(err.message().starts_with(field), "{name}: {}", err.message());
+        assert!(
+            err.message().starts_with(field),
+            "{name}: {}",
+            err.message()
+        );
         assert_eq!(field_of(&err), field, "{name}");
     }
     let err = client
-        .score(proto::ScoreRequest { transaction: None, explain: false })
+        .score(proto::ScoreRequest {
+            transaction: None,
+            explain: false,
+        })
         .await
         .unwrap_err();
-    assert_eq!((err.code(), field_of(&err).as_str()), (Code::InvalidArgument, "transaction"));
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "transaction")
+    );
 }
 
 #[tokio::test]
@@ -84,7 +150,11 @@ async fn invalid_requests_leave_no_trace() {
         let _ = d.score(req(t)).await.unwrap_err();
     }
     for i in 0..5 {
-        let id = if i == 0 { "same-id".to_string() } else { format!("id-{i}") };
+        let id = if i == 0 {
+            "same-id".to_string()
+        } else {
+            format!("id-{i}")
+        };
         let t = tx(&id, "acct-x", "m-x", 1_000 + i, i * 60);
         let a = d.score(explain(t.clone())).await.unwrap().into_inner();
         let b = c.score(explain(t)).await.unwrap().into_inner();
@@ -97,10 +167,25 @@ async fn invalid_requests_leave_no_trace() {
 async fn any_valid_event_time_is_accepted_including_distant_past() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    for (i, seconds) in [-62_135_596_800i64, -1, 0, 1_522_540_831, 253_402_300_799].into_iter().enumerate() {
-        let mut t = tx(&format!("time-{i}"), &format!("acct-time-{i}"), "m-t", 1_000, 0);
-        t.event_time = Some(prost_types::Timestamp { seconds, nanos: 999_999_999 });
-        let resp = client.score(req(t)).await.unwrap_or_else(|e| panic!("{seconds}: {e}"));
+    for (i, seconds) in [-62_135_596_800i64, -1, 0, 1_522_540_831, 253_402_300_799]
+        .into_iter()
+        .enumerate()
+    {
+        let mut t = tx(
+            &format!("time-{i}"),
+            &format!("acct-time-{i}"),
+            "m-t",
+            1_000,
+            0,
+        );
+        t.event_time = Some(prost_types::Timestamp {
+            seconds,
+            nanos: 999_999_999,
+        });
+        let resp = client
+            .score(req(t))
+            .await
+            .unwrap_or_else(|e| panic!("{seconds}: {e}"));
         assert!(resp.into_inner().score.is_finite());
     }
 }
@@ -113,13 +198,25 @@ async fn event_times_too_far_ahead_are_refused_when_limited() {
     })
     .await;
     let mut client = server.client().await;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let mut t = tx("future-1", "acct-fu", "m-fu", 1_000, 0);
-    t.event_time = Some(prost_types::Timestamp { seconds: now + 3 * 86_400, nanos: 0 });
+    t.event_time = Some(prost_types::Timestamp {
+        seconds: now + 3 * 86_400,
+        nanos: 0,
+    });
     let err = client.score(req(t.clone())).await.unwrap_err();
     assert_eq!(field_of(&err), "transaction.event_time");
-    t.event_time = Some(prost_types::Timestamp { seconds: now + 3_600, nanos: 0 });
-    client.score(req(t)).await.expect("an hour ahead is within the skew");
+    t.event_time = Some(prost_types::Timestamp {
+        seconds: now + 3_600,
+        nanos: 0,
+    });
+    client
+        .score(req(t))
+        .await
+        .expect("an hour ahead is within the skew");
 }
 
 #[tokio::test]
@@ -144,23 +241,68 @@ async fn optional_context_fields_are_accepted() {
 async fn invalid_feedback_is_refused_naming_its_field() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    client.score(req(tx("fb-1", "acct-fb", "m-fb", 1_000, 0))).await.unwrap();
+    client
+        .score(req(tx("fb-1", "acct-fb", "m-fb", 1_000, 0)))
+        .await
+        .unwrap();
     let base = ReportFeedbackRequest {
         transaction_id: "fb-1".into(),
         label: proto::Label::Fraud as i32,
         ..Default::default()
     };
     let cases: Vec<(&str, ReportFeedbackRequest)> = vec![
-        ("transaction_id", ReportFeedbackRequest { transaction_id: String::new(), ..base.clone() }),
-        ("transaction_id", ReportFeedbackRequest { transaction_id: "t".repeat(129), ..base.clone() }),
-        ("label", ReportFeedbackRequest { label: 0, ..base.clone() }),
-        ("label", ReportFeedbackRequest { label: 9, ..base.clone() }),
-        ("source", ReportFeedbackRequest { source: 9, ..base.clone() }),
-        ("action_taken", ReportFeedbackRequest { action_taken: -1, ..base.clone() }),
-        ("reported_at", ReportFeedbackRequest {
-            reported_at: Some(prost_types::Timestamp { seconds: 0, nanos: -5 }),
-            ..base.clone()
-        }),
+        (
+            "transaction_id",
+            ReportFeedbackRequest {
+                transaction_id: String::new(),
+                ..base.clone()
+            },
+        ),
+        (
+            "transaction_id",
+            ReportFeedbackRequest {
+                transaction_id: "t".repeat(129),
+                ..base.clone()
+            },
+        ),
+        (
+            "label",
+            ReportFeedbackRequest {
+                label: 0,
+                ..base.clone()
+            },
+        ),
+        (
+            "label",
+            ReportFeedbackRequest {
+                label: 9,
+                ..base.clone()
+            },
+        ),
+        (
+            "source",
+            ReportFeedbackRequest {
+                source: 9,
+                ..base.clone()
+            },
+        ),
+        (
+            "action_taken",
+            ReportFeedbackRequest {
+                action_taken: -1,
+                ..base.clone()
+            },
+        ),
+        (
+            "reported_at",
+            ReportFeedbackRequest {
+                reported_at: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -5,
+                }),
+                ..base.clone()
+            },
+        ),
     ];
     for (field, request) in cases {
         let err = client.report_feedback(request).await.unwrap_err();

@@ -66,7 +66,10 @@ fn id(field: &'static str, value: &str) -> Result<(), FieldError> {
     if value.len() > MAX_ID_BYTES {
         return Err(FieldError::new(
             field,
-            format!("is {} bytes long; at most {MAX_ID_BYTES} are allowed", value.len()),
+            format!(
+                "is {} bytes long; at most {MAX_ID_BYTES} are allowed",
+                value.len()
+            ),
         ));
     }
     Ok(())
@@ -117,7 +120,10 @@ pub fn currency_exponent(field: &'static str, code: &str) -> Result<([u8; 3], u3
         .ok()
         .filter(|b: &[u8; 3]| b.iter().all(u8::is_ascii_uppercase))
         .ok_or_else(|| {
-            FieldError::new(field, format!("{code:?} is not three upper-case letters (ISO 4217)"))
+            FieldError::new(
+                field,
+                format!("{code:?} is not three upper-case letters (ISO 4217)"),
+            )
         })?;
     let currency = iso_currency::Currency::from_code(code)
         .ok_or_else(|| FieldError::new(field, format!("{code:?} is not an ISO 4217 currency")))?;
@@ -151,7 +157,10 @@ pub fn transaction(
     let (event_time, event_nanos) =
         timestamp("transaction.event_time", t.event_time.as_ref(), limits)?;
     let channel = Channel::from_i32(t.channel).ok_or_else(|| {
-        FieldError::new("transaction.channel", format!("{} is not a Channel value", t.channel))
+        FieldError::new(
+            "transaction.channel",
+            format!("{} is not a Channel value", t.channel),
+        )
     })?;
     let mcc = match t.merchant_category_code.as_str() {
         "" => None,
@@ -169,7 +178,10 @@ pub fn transaction(
         _ => {
             return Err(FieldError::new(
                 "transaction.country",
-                format!("{:?} is not two upper-case letters (ISO 3166-1 alpha-2)", t.country),
+                format!(
+                    "{:?} is not two upper-case letters (ISO 3166-1 alpha-2)",
+                    t.country
+                ),
             ))
         }
     };
@@ -219,7 +231,10 @@ pub fn feedback(req: proto::ReportFeedbackRequest) -> Result<Feedback, FieldErro
         Ok(proto::Label::Legitimate) => Label::Legitimate,
         Ok(proto::Label::Unspecified) => return Err(FieldError::new("label", "is required")),
         Err(_) => {
-            return Err(FieldError::new("label", format!("{} is not a Label value", req.label)))
+            return Err(FieldError::new(
+                "label",
+                format!("{} is not a Label value", req.label),
+            ))
         }
     };
     if proto::FeedbackSource::try_from(req.source).is_err() {

@@ -93,15 +93,21 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let addr: SocketAddr = listener.local_addr().context("reading the listener's address")?;
+    let addr: SocketAddr = listener
+        .local_addr()
+        .context("reading the listener's address")?;
     if let Some(dir) = &config.data_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the data directory {}", dir.display()))?;
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(SCORER, ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SCORER, ServingStatus::NotServing)
+        .await;
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -131,9 +137,12 @@ pub async fn run(
             .add_service(scorer)
             // TCP_NODELAY: without it Nagle's algorithm and delayed ACKs add ~40 ms to
             // small request/response exchanges.
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-                let _ = stop_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
     );
     info!(%addr, "listening; loading the model");
 
@@ -151,7 +160,9 @@ pub async fn run(
     };
     let _ = engine_cell.set(Arc::clone(&engine));
     health.set_service_status("", ServingStatus::Serving).await;
-    health.set_service_status(SCORER, ServingStatus::Serving).await;
+    health
+        .set_service_status(SCORER, ServingStatus::Serving)
+        .await;
     info!(%addr, "serving");
 
     let evictor = tokio::spawn(evict_periodically(Arc::clone(&engine), config.evict_every));
@@ -167,8 +178,12 @@ pub async fn run(
         anyhow::bail!("the server stopped on its own");
     }
     info!("shutting down: refusing new calls, finishing in-flight ones");
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(SCORER, ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SCORER, ServingStatus::NotServing)
+        .await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.shutdown_grace, server).await {
         Ok(result) => result.context("the server task failed")??,

@@ -32,9 +32,9 @@ impl ScorerService {
     }
 
     fn engine(&self) -> Result<&Arc<Engine>, Status> {
-        self.engine
-            .get()
-            .ok_or_else(|| Status::unavailable("fraudgate is starting: the model is not loaded yet"))
+        self.engine.get().ok_or_else(|| {
+            Status::unavailable("fraudgate is starting: the model is not loaded yet")
+        })
     }
 
     fn limits(&self) -> ParseLimits {
@@ -152,7 +152,9 @@ impl FraudScorer for ScorerService {
         let req = request.into_inner();
         let explain = req.explain;
         let tx = parse::transaction(req, &self.limits())?;
-        let traced = engine.score_traced(&tx).map_err(|Conflict| conflict(&tx.id))?;
+        let traced = engine
+            .score_traced(&tx)
+            .map_err(|Conflict| conflict(&tx.id))?;
         Ok(Response::new(respond(tx.id, traced, explain)))
     }
 
@@ -166,9 +168,9 @@ impl FraudScorer for ScorerService {
         let service = self.clone();
         // Each request is scored as soon as it arrives and answered in order; nothing is
         // buffered waiting for later requests.
-        let responses = request.into_inner().map(move |item| {
-            item.map(|req| score_item(&engine, req, &service.limits()))
-        });
+        let responses = request
+            .into_inner()
+            .map(move |item| item.map(|req| score_item(&engine, req, &service.limits())));
         Ok(Response::new(Box::pin(responses)))
     }
 

@@ -271,13 +271,26 @@ mod tests {
             assert_eq!(got.to_bits(), want.to_bits(), "row {i}: {got} vs {want}");
             distinct.insert(got.to_bits());
         }
-        assert!(distinct.len() > 20, "the forest should give graded probabilities");
+        assert!(
+            distinct.len() > 20,
+            "the forest should give graded probabilities"
+        );
     }
 
     #[test]
     fn contributions_add_up_to_the_prediction() {
         let (rows, y) = data(1_000, 4);
-        let model = fit_smartcore(&rows, 5, &y, None, &ForestParams { n_trees: 5, ..Default::default() }).unwrap();
+        let model = fit_smartcore(
+            &rows,
+            5,
+            &y,
+            None,
+            &ForestParams {
+                n_trees: 5,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let forest = CompiledForest::from_smartcore(&model, 5).unwrap();
         for i in 0..50 {
             let x = &rows[i * 5..i * 5 + 5];
@@ -293,7 +306,13 @@ mod tests {
         let forest = CompiledForest {
             n_features: 2,
             roots: vec![0],
-            nodes: vec![Node { feature: 0, yes: 0, no: 5, threshold: 0.5, value: 0.1 }],
+            nodes: vec![Node {
+                feature: 0,
+                yes: 0,
+                no: 5,
+                threshold: 0.5,
+                value: 0.1,
+            }],
         };
         assert!(forest.validate().is_err());
     }

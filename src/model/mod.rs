@@ -54,7 +54,6 @@ pub struct TrainingSummary {
     pub validation_from: String,
     /// Event time where the holdout starts, RFC 3339.
     pub holdout_from: String,
-    pub seconds: f64,
 }
 
 /// The classifier's part of `model.json`.
@@ -221,7 +220,11 @@ impl Model {
             ours
         );
         if let Some(f) = &classifier {
-            anyhow::ensure!(f.n_features == N_FEATURES, "forest expects {} features", f.n_features);
+            anyhow::ensure!(
+                f.n_features == N_FEATURES,
+                "forest expects {} features",
+                f.n_features
+            );
         }
         anyhow::ensure!(
             (0.0..=1.0).contains(&meta.anomaly_weight),
@@ -243,8 +246,12 @@ impl Model {
             let path = dir.join(name);
             std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
         };
-        Model::parse(&read("model.json")?, &read("forest.json")?, &read("hst.json")?)
-            .with_context(|| format!("loading model {}", dir.display()))
+        Model::parse(
+            &read("model.json")?,
+            &read("forest.json")?,
+            &read("hst.json")?,
+        )
+        .with_context(|| format!("loading model {}", dir.display()))
     }
 
     /// The model shipped in `models/default/`, compiled into the binary.
@@ -338,7 +345,10 @@ mod tests {
     #[test]
     fn embedded_default_model_loads() {
         let model = Model::embedded_default().unwrap();
-        assert!(model.classifier().is_some(), "the default model has a classifier");
+        assert!(
+            model.classifier().is_some(),
+            "the default model has a classifier"
+        );
         assert!(model.meta.thresholds.review < model.meta.thresholds.deny);
     }
 

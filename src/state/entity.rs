@@ -111,7 +111,11 @@ impl AccountState {
         if self.windows.head().is_none() {
             self.bloom_epoch = epoch;
         } else if epoch > self.bloom_epoch {
-            self.bloom[1] = if epoch == self.bloom_epoch + 1 { self.bloom[0] } else { 0 };
+            self.bloom[1] = if epoch == self.bloom_epoch + 1 {
+                self.bloom[0]
+            } else {
+                0
+            };
             self.bloom[0] = 0;
             self.bloom_epoch = epoch;
         }

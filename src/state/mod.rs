@@ -88,11 +88,11 @@ impl State {
     pub fn observe(&self, tx: &Transaction) -> Snapshot {
         let t = tx.event_time;
         self.watermark.fetch_max(t, Ordering::Relaxed);
-        let account = self
-            .accounts
-            .entry(tx.account)
-            .or_default()
-            .observe(t, tx.amount, tx.merchant);
+        let account =
+            self.accounts
+                .entry(tx.account)
+                .or_default()
+                .observe(t, tx.amount, tx.merchant);
         let merchant = observe(&self.merchants, tx.merchant, t, tx.amount);
         let device = tx.device.map(|k| observe(&self.devices, k, t, tx.amount));
         let ip = tx.ip.map(|k| observe(&self.ips, k, t, tx.amount));

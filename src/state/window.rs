@@ -238,7 +238,11 @@ mod tests {
                     maxq = maxq.max(quantize_amount(amount));
                 }
             }
-            agg.max = if agg.count > 0 { dequantize_amount(maxq) } else { 0.0 };
+            agg.max = if agg.count > 0 {
+                dequantize_amount(maxq)
+            } else {
+                0.0
+            };
         }
         out
     }

@@ -26,7 +26,9 @@ impl TestServer {
     }
 
     pub async fn start_with(config: ServeConfig) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async {
@@ -70,8 +72,11 @@ impl TestServer {
 
     async fn wait_serving(&self) {
         for _ in 0..200 {
-            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(1), self.health("")).await {
-                if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            if let Ok(Ok(status)) =
+                tokio::time::timeout(Duration::from_secs(1), self.health("")).await
+            {
+                if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                {
                     return;
                 }
             }
@@ -101,7 +106,13 @@ impl Drop for TestServer {
 }
 
 /// A valid transaction at `secs` seconds after 2025-03-01T00:00:00Z.
-pub fn tx(id: &str, account: &str, merchant: &str, amount_minor: i64, secs: i64) -> proto::Transaction {
+pub fn tx(
+    id: &str,
+    account: &str,
+    merchant: &str,
+    amount_minor: i64,
+    secs: i64,
+) -> proto::Transaction {
     proto::Transaction {
         transaction_id: id.into(),
         account_id: account.into(),
