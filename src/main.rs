@@ -114,6 +114,15 @@ struct TrainArgs {
     min_samples_leaf: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Review threshold: lowest score at which this share of validation reviews were fraud...
+    #[arg(long, default_value_t = 0.2)]
+    review_precision: f64,
+    /// ...but reviewing no more than this share of validation traffic.
+    #[arg(long, default_value_t = 0.02)]
+    max_review_rate: f64,
+    /// Deny threshold: lowest score at which this share of validation denials were fraud.
+    #[arg(long, default_value_t = 0.8)]
+    deny_precision: f64,
     /// Hide the progress bars.
     #[arg(long)]
     quiet: bool,
@@ -214,8 +223,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             seed: args.seed,
             ..HstParams::default()
         },
+        review_precision: args.review_precision,
+        max_review_rate: args.max_review_rate,
+        deny_precision: args.deny_precision,
         progress: !args.quiet,
-        ..TrainParams::default()
     };
     let report = train::train(&params)?;
     let s = &report.summary;

@@ -48,6 +48,8 @@ pub struct TrainParams {
     /// Smallest share of fraud among reviewed / denied validation payments.
     pub review_precision: f64,
     pub deny_precision: f64,
+    /// Largest share of validation traffic the review threshold may send to review.
+    pub max_review_rate: f64,
     pub progress: bool,
 }
 
@@ -65,6 +67,7 @@ impl Default for TrainParams {
             hst: HstParams::default(),
             review_precision: 0.2,
             deny_precision: 0.8,
+            max_review_rate: 0.02,
             progress: true,
         }
     }
@@ -230,6 +233,15 @@ pub fn threshold_for_precision(scores: &[f64], truth: &[bool], precision: f64) -
     best
 }
 
+/// The `q` quantile of `values` (nearest rank).
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank =
+        ((sorted.len() as f64 * q.clamp(0.0, 1.0)) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(rank).copied().unwrap_or(1.0)
+}
+
 fn rfc3339(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -344,8 +356,9 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         .map(|r| score_of(r, anomaly_weight))
         .collect();
     let deny = threshold_for_precision(&val_scores, &val_truth, params.deny_precision);
-    let review =
-        threshold_for_precision(&val_scores, &val_truth, params.review_precision).min(deny);
+    let review = threshold_for_precision(&val_scores, &val_truth, params.review_precision)
+        .max(quantile(&val_scores, 1.0 - params.max_review_rate))
+        .min(deny);
     let thresholds = Thresholds { review, deny };
     let val_metrics = metrics(&val_scores, &val_truth);
     let hold_scores: Vec<f64> = holdout

@@ -206,15 +206,15 @@ impl CompiledForest {
         sum / self.roots.len() as f64
     }
 
-    /// Adds each feature's contribution to the prediction for `x` into `out` (which must
-    /// have `n_features` entries) and returns the bias (mean root value). Bias plus the sum
-    /// of contributions equals [`Self::predict`] up to rounding.
-    pub fn contributions(&self, x: &[f64], out: &mut [f64]) -> f64 {
+    /// [`Self::predict`] and, in the same walk, each feature's contribution added into `out`
+    /// (which must have `n_features` entries). The prediction is bit-identical to
+    /// `predict` (leaf values summed in the same order); the mean root value plus the sum of
+    /// the contributions equals it up to rounding.
+    pub fn predict_with_contributions(&self, x: &[f64], out: &mut [f64]) -> f64 {
         let scale = 1.0 / self.roots.len() as f64;
-        let mut bias = 0.0;
+        let mut sum = 0.0;
         for &root in &self.roots {
             let mut node = &self.nodes[root as usize];
-            bias += node.value;
             while node.feature != LEAF {
                 let next = if x[node.feature as usize] <= node.threshold {
                     node.yes
@@ -225,8 +225,19 @@ impl CompiledForest {
                 out[node.feature as usize] += (child.value - node.value) * scale;
                 node = child;
             }
+            sum += node.value;
         }
-        bias * scale
+        sum / self.roots.len() as f64
+    }
+
+    /// The mean root value: the prediction before any split.
+    pub fn bias(&self) -> f64 {
+        let sum: f64 = self
+            .roots
+            .iter()
+            .map(|&r| self.nodes[r as usize].value)
+            .sum();
+        sum / self.roots.len() as f64
     }
 }
 
@@ -295,9 +306,10 @@ mod tests {
         for i in 0..50 {
             let x = &rows[i * 5..i * 5 + 5];
             let mut c = [0.0; 5];
-            let bias = forest.contributions(x, &mut c);
-            let total = bias + c.iter().sum::<f64>();
-            assert!((total - forest.predict(x)).abs() < 1e-9);
+            let p = forest.predict_with_contributions(x, &mut c);
+            assert_eq!(p.to_bits(), forest.predict(x).to_bits());
+            let total = forest.bias() + c.iter().sum::<f64>();
+            assert!((total - p).abs() < 1e-9);
         }
     }
 

@@ -320,9 +320,8 @@ impl Model {
         let mut contributions = [0.0; N_FEATURES];
         let (classifier, score) = match &self.classifier {
             Some(forest) => {
-                let p = forest.predict(x);
+                let p = forest.predict_with_contributions(x, &mut contributions);
                 let w = self.meta.anomaly_weight;
-                forest.contributions(x, &mut contributions);
                 contributions.iter_mut().for_each(|c| *c *= 1.0 - w);
                 (p, ((1.0 - w) * p + w * anomaly).clamp(0.0, 1.0))
             }
