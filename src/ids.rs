@@ -31,6 +31,18 @@ pub fn entity_key(kind: EntityKind, id: impl AsRef<[u8]>) -> EntityKey {
     xxh3_64_with_seed(id.as_ref(), SEED ^ (kind as u64))
 }
 
+/// The key of an IP address: its bytes, so "::ffff:192.0.2.1" and "192.0.2.1" are one
+/// address however they are written.
+pub fn ip_key(addr: std::net::IpAddr) -> EntityKey {
+    match addr {
+        std::net::IpAddr::V4(v4) => entity_key(EntityKind::Ip, v4.octets()),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => entity_key(EntityKind::Ip, v4.octets()),
+            None => entity_key(EntityKind::Ip, v6.octets()),
+        },
+    }
+}
+
 /// The key of transaction `id`.
 pub fn tx_key(id: &str) -> TxKey {
     xxh3_128_with_seed(id.as_bytes(), SEED)

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::domain::{Decision, Reason, Transaction};
 use crate::features::{FeatureVector, FEATURES, N_FEATURES};
-use crate::ids::{entity_key, EntityKey, EntityKind};
+use crate::ids::{entity_key, ip_key, EntityKey, EntityKind};
 use crate::model::{Prediction, Thresholds};
 use crate::state::Snapshot;
 
@@ -124,27 +124,12 @@ pub struct Policy {
     reasons: ReasonSettings,
 }
 
-const BLOCK_RULES: [(EntityKind, &str, &str); 4] = [
-    (
-        EntityKind::Account,
-        "RULE_BLOCKLIST_ACCOUNT",
-        "account is on the block list",
-    ),
-    (
-        EntityKind::Merchant,
-        "RULE_BLOCKLIST_MERCHANT",
-        "merchant is on the block list",
-    ),
-    (
-        EntityKind::Device,
-        "RULE_BLOCKLIST_DEVICE",
-        "device is on the block list",
-    ),
-    (
-        EntityKind::Ip,
-        "RULE_BLOCKLIST_IP",
-        "IP address is on the block list",
-    ),
+/// Reason code and text of each block list, in `Policy::blocked` order.
+const BLOCK_RULES: [(&str, &str); 4] = [
+    ("RULE_BLOCKLIST_ACCOUNT", "account is on the block list"),
+    ("RULE_BLOCKLIST_MERCHANT", "merchant is on the block list"),
+    ("RULE_BLOCKLIST_DEVICE", "device is on the block list"),
+    ("RULE_BLOCKLIST_IP", "IP address is on the block list"),
 ];
 
 impl Policy {
@@ -157,18 +142,23 @@ impl Policy {
             thresholds.review,
             thresholds.deny
         );
-        let lists = [
-            &file.blocklist.accounts,
-            &file.blocklist.merchants,
-            &file.blocklist.devices,
-            &file.blocklist.ips,
+        let ids = |list: &[String], kind| list.iter().map(|id| entity_key(kind, id)).collect();
+        let ips = file
+            .blocklist
+            .ips
+            .iter()
+            .map(|ip| {
+                ip.parse()
+                    .map(ip_key)
+                    .with_context(|| format!("blocklist.ips: {ip:?} is not an IP address"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let blocked = [
+            ids(&file.blocklist.accounts, EntityKind::Account),
+            ids(&file.blocklist.merchants, EntityKind::Merchant),
+            ids(&file.blocklist.devices, EntityKind::Device),
+            ips,
         ];
-        let blocked = std::array::from_fn(|i| {
-            lists[i]
-                .iter()
-                .map(|id| entity_key(BLOCK_RULES[i].0, id))
-                .collect()
-        });
         let mut by_currency = HashMap::new();
         for (code, limit) in &file.limits.max_amount_minor_by_currency {
             let bytes: [u8; 3] = code
@@ -233,7 +223,7 @@ impl Policy {
             }
         };
         let keys = [Some(tx.account), Some(tx.merchant), tx.device, tx.ip];
-        for ((key, set), (_, code, text)) in keys.iter().zip(&self.blocked).zip(BLOCK_RULES) {
+        for ((key, set), (code, text)) in keys.iter().zip(&self.blocked).zip(BLOCK_RULES) {
             rule(
                 key.is_some_and(|k| set.contains(&k)),
                 Decision::Deny,

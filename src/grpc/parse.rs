@@ -8,7 +8,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::{Channel, Feedback, Label, Transaction, MAX_AMOUNT_MINOR};
-use crate::ids::{entity_key, tx_key, EntityKind};
+use crate::ids::{entity_key, ip_key, tx_key, EntityKind};
 use crate::proto;
 
 /// Longest id accepted, in bytes.
@@ -196,14 +196,7 @@ pub fn transaction(
                 format!("{:?} is not an IPv4 or IPv6 address", t.ip_address),
             )
         })?;
-        // Keyed by the address's bytes, so "::ffff:1.2.3.4" and "1.2.3.4" are one address.
-        Some(match addr {
-            IpAddr::V4(v4) => entity_key(EntityKind::Ip, v4.octets()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => entity_key(EntityKind::Ip, v4.octets()),
-                None => entity_key(EntityKind::Ip, v6.octets()),
-            },
-        })
+        Some(ip_key(addr))
     };
     Ok(Transaction {
         key: tx_key(&t.transaction_id),

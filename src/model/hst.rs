@@ -19,6 +19,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::features::{FeatureVector, FEATURES};
 
+/// Features the trees split on: those with an anomaly range.
+const fn anomaly_dims() -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    while i < FEATURES.len() {
+        if FEATURES[i].anomaly_range.is_some() {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
+/// Size of the normalised point; checked at compile time against the feature table.
+const MAX_DIMS: usize = 32;
+const _: () = assert!(anomaly_dims() > 0 && anomaly_dims() <= MAX_DIMS);
+
 /// Shape of the forest of half-space trees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HstParams {
@@ -150,7 +167,7 @@ impl HalfSpaceTrees {
     /// The mass score of `x` against the reference window (higher = more normal), then
     /// learns `x` into the latest window.
     pub fn score_and_learn(&self, x: &FeatureVector) -> f64 {
-        let mut point = [0.0f64; 32];
+        let mut point = [0.0f64; MAX_DIMS];
         for (p, &(i, lo, hi)) in point.iter_mut().zip(&self.dims) {
             *p = ((x[i] - lo) / (hi - lo)).clamp(0.0, 1.0);
         }
