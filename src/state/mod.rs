@@ -159,3 +159,51 @@ fn add_fraud(map: &Map<EntityState>, key: EntityKey, t: EventTime, delta: i32) {
         e.windows.add_fraud(t, delta);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Channel;
+
+    fn tx(account: EntityKey, t: EventTime) -> Transaction {
+        Transaction {
+            id: String::new(),
+            key: 0,
+            account,
+            merchant: 99,
+            amount_minor: 100,
+            currency: *b"EUR",
+            amount: 1.0,
+            event_time: t,
+            event_nanos: 0,
+            channel: Channel::Unspecified,
+            mcc: None,
+            country: None,
+            device: Some(account + 1_000),
+            ip: None,
+        }
+    }
+
+    #[test]
+    fn idle_entities_are_evicted_and_active_ones_kept() {
+        let state = State::new();
+        state.observe(&tx(1, 0));
+        state.observe(&tx(2, 10 * 86_400));
+        assert_eq!(state.evict_idle(), 0, "nothing is idle yet");
+        let late = EXPIRY_SECS + ALLOWED_LATENESS_SECS + 5 * 86_400;
+        state.observe(&tx(2, late));
+        // Account 1 and its device are idle beyond every window; the merchant and account 2
+        // are not.
+        assert_eq!(state.evict_idle(), 2);
+        let counts = state.counts();
+        assert_eq!(
+            (counts.accounts, counts.merchants, counts.devices),
+            (1, 1, 1)
+        );
+        let seen = state.observe(&tx(1, late + 60));
+        assert_eq!(
+            seen.account.base.secs_since_last, None,
+            "an evicted account is new"
+        );
+    }
+}

@@ -142,3 +142,65 @@ impl TxStore {
         self.map.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Decision, Scored};
+
+    fn scored() -> (TxFacts, Arc<Scored>) {
+        let facts = TxFacts {
+            account: 1,
+            merchant: 2,
+            device: None,
+            ip: None,
+            event_time: 0,
+        };
+        let scored = Scored {
+            decision: Decision::Allow,
+            score: 0.1,
+            anomaly_score: 0.2,
+            classifier_score: 0.3,
+            reasons: Box::new([]),
+            model_version: "test".into(),
+        };
+        (facts, Arc::new(scored))
+    }
+
+    #[test]
+    fn the_oldest_transaction_is_forgotten_first() {
+        let store = TxStore::new(2);
+        for key in [1u128, 2, 3] {
+            let (_, replayed) = store.score_once(key, 7, scored).unwrap();
+            assert!(!replayed);
+        }
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.label(1), Err(NotFound));
+        assert!(store.set_label(1, Label::Fraud, |_, _| ()).is_err());
+        assert!(
+            store.score_once(3, 7, scored).unwrap().1,
+            "a retry is replayed"
+        );
+        assert_eq!(store.score_once(3, 8, scored), Err(Conflict));
+        let (_, replayed) = store.score_once(1, 7, scored).unwrap();
+        assert!(!replayed, "a forgotten transaction is scored afresh");
+    }
+
+    #[test]
+    fn label_changes_report_their_fraud_delta() {
+        let store = TxStore::new(10);
+        store.score_once(5, 1, scored).unwrap();
+        let mut deltas = Vec::new();
+        for label in [
+            Label::Fraud,
+            Label::Fraud,
+            Label::Legitimate,
+            Label::Legitimate,
+            Label::Fraud,
+        ] {
+            let _ = store.set_label(5, label, |_, d| deltas.push(d));
+        }
+        assert_eq!(deltas, [1, -1, 1]);
+        assert_eq!(store.label(5), Ok(Some(Label::Fraud)));
+    }
+}
