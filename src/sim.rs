@@ -165,7 +165,7 @@ impl Simulator {
             .collect();
         let online = if online.is_empty() { vec![0] } else { online };
         let mean_log = Normal::new(3.3, 0.6).context("amount distribution")?;
-        let activity = LogNormal::new(0.0, 0.8).context("activity distribution")?;
+        let activity: LogNormal<f64> = LogNormal::new(0.0, 0.8).context("activity distribution")?;
         let hour = Normal::new(14.0, 2.5).context("hour distribution")?;
         let accounts: Vec<Account> = (0..params.accounts)
             .map(|i| {
@@ -188,7 +188,7 @@ impl Simulator {
                     id: format!("A{i:07}").into(),
                     mean_log: mean_log.sample(&mut rng),
                     sd_log: rng.gen_range(0.2..0.7),
-                    rate: (1.5 * activity.sample(&mut rng) as f64).clamp(0.05, 25.0),
+                    rate: (1.5 * activity.sample(&mut rng)).clamp(0.05, 25.0),
                     hour: hour.sample(&mut rng),
                     hour_sd: rng.gen_range(1.5..4.0),
                     homes,
@@ -216,7 +216,14 @@ impl Simulator {
             .unwrap_or(0)
     }
 
-    fn payment(&self, time: i64, a: usize, m: usize, amount_minor: i64, pattern: &'static str) -> SimTx {
+    fn payment(
+        &self,
+        time: i64,
+        a: usize,
+        m: usize,
+        amount_minor: i64,
+        pattern: &'static str,
+    ) -> SimTx {
         self.payment_from(time, a, m, amount_minor, pattern, None)
     }
 
@@ -230,7 +237,11 @@ impl Simulator {
         device_ip: Option<(&Arc<str>, &Arc<str>)>,
     ) -> SimTx {
         let (acct, merchant) = (&self.accounts[a], &self.merchants[m]);
-        let channel = if merchant.online { Channel::Ecommerce } else { Channel::CardPresent };
+        let channel = if merchant.online {
+            Channel::Ecommerce
+        } else {
+            Channel::CardPresent
+        };
         let (device, ip) = match (merchant.online, device_ip) {
             (false, _) => (Arc::from(""), Arc::from("")),
             (true, Some((d, i))) => (Arc::clone(d), Arc::clone(i)),
@@ -278,9 +289,13 @@ impl Simulator {
             let acct = &self.accounts[a];
             let (rate, hour, hour_sd) = (acct.rate, acct.hour, acct.hour_sd);
             let (mean_log, sd_log) = (acct.mean_log, acct.sd_log);
-            let n = Poisson::new(rate).map(|p| p.sample(&mut self.rng) as u32).unwrap_or(0);
+            let n = Poisson::new(rate)
+                .map(|p| p.sample(&mut self.rng) as u32)
+                .unwrap_or(0);
             for _ in 0..n {
-                let h = Normal::new(hour, hour_sd).map(|d| d.sample(&mut self.rng)).unwrap_or(hour);
+                let h = Normal::new(hour, hour_sd)
+                    .map(|d| d.sample(&mut self.rng))
+                    .unwrap_or(hour);
                 let time = day_start + (h.rem_euclid(24.0) * 3_600.0) as i64;
                 let homes = &self.accounts[a].homes;
                 let m = homes[self.rng.gen_range(0..homes.len())];
@@ -302,12 +317,23 @@ impl Simulator {
                 (*a, Arc::clone(d), Arc::clone(i))
             };
             for _ in 0..self.rng.gen_range(0..3) {
-                let night = if self.rng.gen_bool(0.5) { 18 * 3_600 } else { 0 };
+                let night = if self.rng.gen_bool(0.5) {
+                    18 * 3_600
+                } else {
+                    0
+                };
                 let time = day_start + self.rng.gen_range(0..6 * 3_600) + night;
                 let amount = self.accounts[a].mean_log.exp() * self.rng.gen_range(3.0..8.0);
                 let m = self.online[self.rng.gen_range(0..self.online.len())];
                 let amount_minor = (amount * 100.0).round() as i64;
-                out.push(self.payment_from(time, a, m, amount_minor, "account_takeover", Some((&device, &ip))));
+                out.push(self.payment_from(
+                    time,
+                    a,
+                    m,
+                    amount_minor,
+                    "account_takeover",
+                    Some((&device, &ip)),
+                ));
             }
         }
         // Card testing: tiny payments at many online merchants, then large ones.
@@ -319,13 +345,27 @@ impl Simulator {
                 time += self.rng.gen_range(20..180);
                 let m = self.online[self.rng.gen_range(0..self.online.len())];
                 let amount_minor = self.rng.gen_range(50..300);
-                out.push(self.payment_from(time, a, m, amount_minor, "card_testing", Some((&device, &ip))));
+                out.push(self.payment_from(
+                    time,
+                    a,
+                    m,
+                    amount_minor,
+                    "card_testing",
+                    Some((&device, &ip)),
+                ));
             }
             for _ in 0..self.rng.gen_range(1..3) {
                 time += self.rng.gen_range(600..7_200);
                 let m = self.online[self.rng.gen_range(0..self.online.len())];
                 let amount_minor = self.rng.gen_range(20_000..150_000);
-                out.push(self.payment_from(time, a, m, amount_minor, "card_testing", Some((&device, &ip))));
+                out.push(self.payment_from(
+                    time,
+                    a,
+                    m,
+                    amount_minor,
+                    "card_testing",
+                    Some((&device, &ip)),
+                ));
             }
         }
         // Outsized amounts.
@@ -334,7 +374,13 @@ impl Simulator {
             let m = self.rng.gen_range(0..self.merchants.len());
             let time = day_start + self.rng.gen_range(0..86_400);
             let amount = self.accounts[a].mean_log.exp() * self.rng.gen_range(20.0..60.0);
-            out.push(self.payment(time, a, m, (amount * 100.0).round() as i64, "outsized_amount"));
+            out.push(self.payment(
+                time,
+                a,
+                m,
+                (amount * 100.0).round() as i64,
+                "outsized_amount",
+            ));
         }
         out.sort_by_key(|p| p.time);
         Some(out)
@@ -344,13 +390,16 @@ impl Simulator {
 /// Writes the simulated stream to `path` as CSV; returns (rows, frauds).
 pub fn simulate(params: &SimParams, path: &Path) -> anyhow::Result<(u64, u64)> {
     let mut sim = Simulator::new(params.clone())?;
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = csv::Writer::from_writer(std::io::BufWriter::new(file));
     let header: Vec<&str> = REQUIRED.iter().chain(OPTIONAL.iter()).copied().collect();
     out.write_record(&header)?;
     let bar = indicatif::ProgressBar::new(params.days as u64).with_style(
-        indicatif::ProgressStyle::with_template("simulate {bar:40} day {pos}/{len} {msg} [{elapsed}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "simulate {bar:40} day {pos}/{len} {msg} [{elapsed}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let (mut seq, mut frauds) = (0u64, 0u64);
     while let Some(day) = sim.next_day() {
@@ -387,24 +436,43 @@ mod tests {
     use super::*;
 
     fn params() -> SimParams {
-        SimParams { accounts: 200, merchants: 50, days: 8, seed: 3, start: 1_735_689_600, fraud_scale: 40.0 }
+        SimParams {
+            accounts: 200,
+            merchants: 50,
+            days: 8,
+            seed: 3,
+            start: 1_735_689_600,
+            fraud_scale: 40.0,
+        }
     }
 
     #[test]
     fn same_seed_same_stream_and_days_are_sorted() {
-        let (mut a, mut b) = (Simulator::new(params()).unwrap(), Simulator::new(params()).unwrap());
+        let (mut a, mut b) = (
+            Simulator::new(params()).unwrap(),
+            Simulator::new(params()).unwrap(),
+        );
         let mut patterns = std::collections::BTreeSet::new();
         while let Some(day) = a.next_day() {
             let other = b.next_day().unwrap();
             assert_eq!(day.len(), other.len());
             for (x, y) in day.iter().zip(&other) {
-                assert_eq!((x.time, &x.account_id, x.amount_minor, x.pattern), (y.time, &y.account_id, y.amount_minor, y.pattern));
+                assert_eq!(
+                    (x.time, &x.account_id, x.amount_minor, x.pattern),
+                    (y.time, &y.account_id, y.amount_minor, y.pattern)
+                );
             }
             assert!(day.windows(2).all(|w| w[0].time <= w[1].time));
             patterns.extend(day.iter().map(|p| p.pattern));
         }
         assert!(b.next_day().is_none());
-        for p in ["", "compromised_merchant", "account_takeover", "card_testing", "outsized_amount"] {
+        for p in [
+            "",
+            "compromised_merchant",
+            "account_takeover",
+            "card_testing",
+            "outsized_amount",
+        ] {
             assert!(patterns.contains(p), "pattern {p:?} never appeared");
         }
     }

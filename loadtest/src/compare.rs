@@ -1,0 +1,278 @@
+//! `loadtest compare`: fraudgate and the bare-tonic ceiling, each in its own process, under
+//! the same client settings, alternated A B A B; then both in open loop at half the
+//! ceiling's maximum rate. Only ratios from one run mean anything on a shared machine.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+use crate::report::Report;
+use crate::run::{self, Mode, Rpc, RunConfig};
+use crate::traffic::Traffic;
+
+/// Settings of a comparison.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub rounds: usize,
+    pub connections: usize,
+    pub concurrency: usize,
+    pub rpc: Rpc,
+    pub accounts: usize,
+    pub merchants: usize,
+    /// The `fraudgate` binary (default: next to this one).
+    pub fraudgate_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Fraudgate,
+    Ceiling,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Fraudgate => "fraudgate",
+            Target::Ceiling => "ceiling",
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// How to start fraudgate: the real binary beside this one, or this binary serving the same
+/// library code when the binary has not been built.
+fn fraudgate_command(cfg: &CompareConfig, listen: &str) -> anyhow::Result<(Command, String)> {
+    let me = std::env::current_exe().context("finding the loadtest binary")?;
+    let sibling = me.with_file_name("fraudgate");
+    let bin = cfg
+        .fraudgate_bin
+        .clone()
+        .or_else(|| sibling.exists().then_some(sibling));
+    Ok(match bin {
+        Some(bin) => {
+            let mut c = Command::new(&bin);
+            c.args(["serve", "--listen", listen]);
+            (c, bin.display().to_string())
+        }
+        None => {
+            let mut c = Command::new(&me);
+            c.args(["serve-fraudgate", "--listen", listen]);
+            (c, format!("{} serve-fraudgate (fraudgate's library; build the fraudgate binary to use it instead)", me.display()))
+        }
+    })
+}
+
+async fn start(target: Target, cfg: &CompareConfig) -> anyhow::Result<(Child, String)> {
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let (mut command, what) = match target {
+        Target::Fraudgate => fraudgate_command(cfg, &listen)?,
+        Target::Ceiling => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.args(["ceiling-server", "--listen", &listen]);
+            (c, "loadtest ceiling-server".to_owned())
+        }
+    };
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let url = format!("http://{listen}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(channel) = tonic::transport::Endpoint::from_shared(url.clone())?
+            .connect()
+            .await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let req = tonic_health::pb::HealthCheckRequest {
+                service: "fraudgate.v1.FraudScorer".into(),
+            };
+            if matches!(health.check(req).await, Ok(r) if r.get_ref().status == 1) {
+                eprintln!("  started {} ({what}) on {listen}", target.name());
+                return Ok((child, url));
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} did not become SERVING",
+            target.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn stop(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+async fn one(
+    target: Target,
+    mode: Mode,
+    cfg: &CompareConfig,
+    run_id: &str,
+) -> anyhow::Result<Report> {
+    let (child, url) = start(target, cfg).await?;
+    // Same traffic (same seed) for both targets; ids unique per run.
+    let traffic = Arc::new(Traffic::new(
+        cfg.accounts,
+        cfg.merchants,
+        1,
+        1_735_689_600,
+        run_id,
+    )?);
+    let run_cfg = RunConfig {
+        target: url,
+        connections: cfg.connections,
+        mode,
+        rpc: cfg.rpc,
+        feedback: 0.0,
+        warmup: cfg.warmup,
+        duration: cfg.duration,
+        max_in_flight: 10_000,
+    };
+    let result = run::run(&run_cfg, traffic).await;
+    stop(child).await;
+    let (mut report, _) = result?;
+    report.target = target.name().into();
+    println!("{report}");
+    Ok(report)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Medians over rounds of (throughput, p99, p99.9) for each target.
+fn medians(reports: &[Report], target: Target) -> (f64, f64, f64) {
+    let of = |f: fn(&Report) -> f64| {
+        median(
+            reports
+                .iter()
+                .filter(|r| r.target == target.name())
+                .map(f)
+                .collect(),
+        )
+    };
+    (
+        of(|r| r.throughput),
+        of(|r| r.score.latency_us.p99),
+        of(|r| r.score.latency_us.p999),
+    )
+}
+
+/// Runs the comparison and prints a table and one summary line containing `ratio=`.
+pub async fn compare(cfg: &CompareConfig) -> anyhow::Result<String> {
+    let closed = Mode::Closed {
+        concurrency: cfg.concurrency,
+    };
+    let mut closed_reports = Vec::new();
+    for round in 0..cfg.rounds.max(1) {
+        for target in [Target::Fraudgate, Target::Ceiling] {
+            eprintln!("round {} closed loop: {}", round + 1, target.name());
+            closed_reports.push(
+                one(
+                    target,
+                    closed,
+                    cfg,
+                    &format!("cmp-c{round}-{}", target.name()),
+                )
+                .await?,
+            );
+        }
+    }
+    let (fg_tput, fg_p99, _) = medians(&closed_reports, Target::Fraudgate);
+    let (ce_tput, ce_p99, _) = medians(&closed_reports, Target::Ceiling);
+    let rate = (ce_tput / 2.0).max(1.0);
+    let mut open_reports = Vec::new();
+    for round in 0..cfg.rounds.max(1) {
+        for target in [Target::Fraudgate, Target::Ceiling] {
+            eprintln!(
+                "round {} open loop at {rate:.0}/s: {}",
+                round + 1,
+                target.name()
+            );
+            open_reports.push(
+                one(
+                    target,
+                    Mode::Open { rate },
+                    cfg,
+                    &format!("cmp-o{round}-{}", target.name()),
+                )
+                .await?,
+            );
+        }
+    }
+    let (_, fo_p99, fo_p999) = medians(&open_reports, Target::Fraudgate);
+    let (_, co_p99, co_p999) = medians(&open_reports, Target::Ceiling);
+    println!(
+        "| medians over {} rounds | fraudgate | ceiling | fraudgate / ceiling |",
+        cfg.rounds
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| closed loop ({} in flight) throughput/s | {fg_tput:.0} | {ce_tput:.0} | {:.2} |",
+        cfg.concurrency,
+        fg_tput / ce_tput
+    );
+    println!(
+        "| closed loop p99 us | {fg_p99:.0} | {ce_p99:.0} | {:.2} |",
+        fg_p99 / ce_p99
+    );
+    println!(
+        "| open loop at {rate:.0}/s p99 us | {fo_p99:.0} | {co_p99:.0} | {:.2} |",
+        fo_p99 / co_p99
+    );
+    println!(
+        "| open loop at {rate:.0}/s p99.9 us | {fo_p999:.0} | {co_p999:.0} | {:.2} |",
+        fo_p999 / co_p999
+    );
+    let summary = format!(
+        "summary: throughput ratio={:.2} ({fg_tput:.0}/s vs {ce_tput:.0}/s closed loop); open loop at {rate:.0}/s p99 ratio={:.2} p99.9 ratio={:.2}",
+        fg_tput / ce_tput,
+        fo_p99 / co_p99,
+        fo_p999 / co_p999
+    );
+    println!("{summary}");
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}

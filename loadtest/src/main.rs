@@ -1,0 +1,227 @@
+//! `loadtest`: measures fraudgate the way a payment team would, and the fastest any tonic
+//! server can answer the same message on the same machine.
+
+mod ceiling;
+mod compare;
+mod pacing;
+mod report;
+mod run;
+mod traffic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use run::{Mode, Rpc, RunConfig};
+use traffic::Traffic;
+
+/// Load generator for fraudgate.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply load to a running server and report throughput and latency.
+    Run(RunArgs),
+    /// Serve FraudScorer with a fixed answer and no work: the ceiling for comparison.
+    CeilingServer {
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        listen: std::net::SocketAddr,
+    },
+    /// Start fraudgate and the ceiling server in turn and compare them.
+    Compare(CompareArgs),
+    /// Serve fraudgate on its defaults from this binary (used by `compare` when the
+    /// `fraudgate` binary is not built).
+    #[command(hide = true)]
+    ServeFraudgate {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RpcArg {
+    Unary,
+    Stream,
+}
+
+impl From<RpcArg> for Rpc {
+    fn from(r: RpcArg) -> Rpc {
+        match r {
+            RpcArg::Unary => Rpc::Unary,
+            RpcArg::Stream => Rpc::Stream,
+        }
+    }
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Server URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Closed loop: requests in flight.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Open loop at this many requests per second (instead of closed loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, value_enum, default_value = "unary")]
+    rpc: RpcArg,
+    /// Share of scored payments followed by a ReportFeedback with their true label.
+    #[arg(long, default_value_t = 0.0)]
+    feedback: f64,
+    #[arg(long, value_parser = duration, default_value = "2s")]
+    warmup: Duration,
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    duration: Duration,
+    /// Simulated accounts (skewed activity) and merchants.
+    #[arg(long, default_value_t = 100_000)]
+    accounts: usize,
+    #[arg(long, default_value_t = 10_000)]
+    merchants: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Open loop: most requests in flight before new ones fail client-side.
+    #[arg(long, default_value_t = 10_000)]
+    max_in_flight: usize,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write the Score latency histogram (nanoseconds) in hdrhistogram V2 format.
+    #[arg(long)]
+    histogram: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// Measured time per run.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    duration: Duration,
+    #[arg(long, value_parser = duration, default_value = "2s")]
+    warmup: Duration,
+    /// Rounds of A B (closed loop, then open loop).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    #[arg(long, value_enum, default_value = "unary")]
+    rpc: RpcArg,
+    #[arg(long, default_value_t = 100_000)]
+    accounts: usize,
+    #[arg(long, default_value_t = 10_000)]
+    merchants: usize,
+    /// The fraudgate binary (default: the one next to loadtest).
+    #[arg(long)]
+    fraudgate_bin: Option<PathBuf>,
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let run_id = format!("lt{}", std::process::id());
+    let traffic = Arc::new(Traffic::new(
+        args.accounts,
+        args.merchants,
+        args.seed,
+        1_735_689_600,
+        &run_id,
+    )?);
+    let cfg = RunConfig {
+        target: args.target,
+        connections: args.connections,
+        mode: match args.rate {
+            Some(rate) => Mode::Open { rate },
+            None => Mode::Closed {
+                concurrency: args.concurrency,
+            },
+        },
+        rpc: args.rpc.into(),
+        feedback: args.feedback,
+        warmup: args.warmup,
+        duration: args.duration,
+        max_in_flight: args.max_in_flight,
+    };
+    let (report, hist) = run::run(&cfg, traffic).await?;
+    print!("{report}");
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+    }
+    if let Some(path) = &args.histogram {
+        report::write_histogram(&hist, path)?;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+        Command::CeilingServer { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            ceiling::serve(listener, shutdown_signal()).await
+        }
+        Command::Compare(args) => {
+            let cfg = compare::CompareConfig {
+                duration: args.duration,
+                warmup: args.warmup,
+                rounds: args.rounds,
+                connections: args.connections,
+                concurrency: args.concurrency,
+                rpc: args.rpc.into(),
+                accounts: args.accounts,
+                merchants: args.merchants,
+                fraudgate_bin: args.fraudgate_bin,
+            };
+            compare::compare(&cfg).await.map(|_| ())
+        }
+        Command::ServeFraudgate { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            fraudgate::grpc::server::run(
+                listener,
+                fraudgate::grpc::server::ServeConfig::default(),
+                shutdown_signal(),
+            )
+            .await
+        }
+    }
+}
