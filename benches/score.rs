@@ -43,7 +43,11 @@ fn bench(c: &mut Criterion) {
     };
 
     c.bench_function("engine_score (validate excluded, 1e5 accounts warm)", |b| {
-        b.iter_batched(&mut fresh_tx, |tx| black_box(engine.score(&tx)), criterion::BatchSize::SmallInput)
+        b.iter_batched(
+            &mut fresh_tx,
+            |tx| black_box(engine.score(&tx)),
+            criterion::BatchSize::SmallInput,
+        )
     });
 
     let requests = common::requests(1_000, 1_000);
@@ -64,17 +68,26 @@ fn bench(c: &mut Criterion) {
         state.observe(tx);
     }
     c.bench_function("stage: state observe (read + update windows)", |b| {
-        b.iter_batched(&mut fresh_tx, |tx| black_box(state.observe(&tx)), criterion::BatchSize::SmallInput)
+        b.iter_batched(
+            &mut fresh_tx,
+            |tx| black_box(state.observe(&tx)),
+            criterion::BatchSize::SmallInput,
+        )
     });
 
     let tx = txs[WARM].clone();
     let snapshot = state.observe(&tx);
-    c.bench_function("stage: features extract", |b| b.iter(|| black_box(features::extract(black_box(&tx), black_box(&snapshot)))));
+    c.bench_function("stage: features extract", |b| {
+        b.iter(|| black_box(features::extract(black_box(&tx), black_box(&snapshot))))
+    });
 
     let model = Model::embedded_default().expect("model");
     let x = features::extract(&tx, &snapshot);
-    let hst = HalfSpaceTrees::with_mass(model.meta.anomaly.params, model.anomaly_mass()).expect("hst");
-    c.bench_function("stage: anomaly (half-space trees, score + learn)", |b| b.iter(|| black_box(hst.score_and_learn(black_box(&x)))));
+    let hst =
+        HalfSpaceTrees::with_mass(model.meta.anomaly.params, model.anomaly_mass()).expect("hst");
+    c.bench_function("stage: anomaly (half-space trees, score + learn)", |b| {
+        b.iter(|| black_box(hst.score_and_learn(black_box(&x))))
+    });
     let forest = model.classifier().expect("forest");
     c.bench_function("stage: classifier (compiled forest + contributions)", |b| {
         b.iter(|| {
@@ -85,7 +98,9 @@ fn bench(c: &mut Criterion) {
     let prediction = model.predict(&x);
     let policy = Policy::new(PolicyFile::default(), model.meta.thresholds).expect("policy");
     c.bench_function("stage: policy decide + reasons", |b| {
-        b.iter(|| black_box(policy.decide(&tx, &snapshot, &x, &prediction, model.meta.anomaly_weight)))
+        b.iter(|| {
+            black_box(policy.decide(&tx, &snapshot, &x, &prediction, model.meta.anomaly_weight))
+        })
     });
 }
 

@@ -24,7 +24,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -32,10 +35,18 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
+/// Resident set size in bytes (Linux), for the allocator's own overhead.
+fn rss() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 fn main() {
     const ACCOUNTS: u64 = 1_000_000;
     const MERCHANTS: u64 = 1_000;
     let state = State::new();
+    let rss_before = rss();
     let before = LIVE.load(Ordering::Relaxed);
     for i in 0..ACCOUNTS {
         let tx = Transaction {
@@ -57,6 +68,7 @@ fn main() {
         state.observe(&tx);
     }
     let bytes = LIVE.load(Ordering::Relaxed) - before;
+    let rss_bytes = rss().zip(rss_before).map(|(a, b)| a.saturating_sub(b));
     let counts = state.counts();
     assert_eq!(counts.accounts as u64, ACCOUNTS);
     println!(
@@ -66,4 +78,11 @@ fn main() {
         bytes as f64 / 1e6,
         bytes as f64 / ACCOUNTS as f64
     );
+    if let Some(r) = rss_bytes {
+        println!(
+            "state_memory: resident set grew by {:.1} MB, {:.0} bytes per account (includes malloc's per-allocation overhead)",
+            r as f64 / 1e6,
+            r as f64 / ACCOUNTS as f64
+        );
+    }
 }

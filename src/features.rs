@@ -169,8 +169,8 @@ pub const FEATURES: [FeatureSpec; N_FEATURES] = [
         "acct_distinct_merchants_recent",
         "MANY_MERCHANTS",
         "many different merchants recently",
-        "distinct merchants among the account's last 4 payments",
-        Some((0.0, 4.0)),
+        "distinct merchants among the account's last 3 payments",
+        Some((0.0, 3.0)),
     ),
     spec(
         "acct_frauds_30d",

@@ -219,13 +219,13 @@ pub async fn run(
     traffic: Arc<Traffic>,
 ) -> anyhow::Result<(Report, Histogram<u64>)> {
     let clients = connect(&cfg.target, cfg.connections).await?;
-    let start = Instant::now();
-    let rec = Arc::new(Recorder::new(
-        start + cfg.warmup,
-        start + cfg.warmup + cfg.duration,
-    ));
-    match cfg.mode {
+    let rec = match cfg.mode {
         Mode::Closed { concurrency } => {
+            let start = Instant::now();
+            let rec = Arc::new(Recorder::new(
+                start + cfg.warmup,
+                start + cfg.warmup + cfg.duration,
+            ));
             let mut workers = Vec::with_capacity(concurrency);
             for i in 0..concurrency.max(1) {
                 let client = clients[i % clients.len()].clone();
@@ -238,9 +238,18 @@ pub async fn run(
             for w in workers {
                 w.await.context("a load worker panicked")?;
             }
+            rec
         }
-        Mode::Open { rate } => open_loop(cfg, rate, &clients, &traffic, &rec, start).await?,
-    }
+        Mode::Open { rate } => open_loop(cfg, rate, &clients, &traffic).await?,
+    };
+    Ok(report(cfg, &clients, &rec))
+}
+
+fn report(
+    cfg: &RunConfig,
+    clients: &[FraudScorerClient<Channel>],
+    rec: &Recorder,
+) -> (Report, Histogram<u64>) {
     let (score, feedback, hist) = rec.stats();
     let secs = cfg.duration.as_secs_f64();
     let report = Report {
@@ -269,7 +278,7 @@ pub async fn run(
         score,
         feedback,
     };
-    Ok((report, hist))
+    (report, hist)
 }
 
 /// Open loop: request i is sent at its intended time (never waiting for answers) and its
@@ -279,9 +288,16 @@ async fn open_loop(
     rate: f64,
     clients: &[FraudScorerClient<Channel>],
     traffic: &Arc<Traffic>,
-    rec: &Arc<Recorder>,
-    start: Instant,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Arc<Recorder>> {
+    // Build every request before the clock starts: on a 2-core box shared with the server,
+    // building them while pacing would steal the CPU the measurement is about.
+    let total = (rate * (cfg.warmup + cfg.duration).as_secs_f64()).ceil() as usize + 1;
+    let mut requests: Vec<Option<_>> = (0..total).map(|_| Some(traffic.next_request())).collect();
+    let start = Instant::now();
+    let rec = &Arc::new(Recorder::new(
+        start + cfg.warmup,
+        start + cfg.warmup + cfg.duration,
+    ));
     let schedule = Schedule::new(start, rate);
     let in_flight = Arc::new(AtomicUsize::new(0));
     // Streams: one per connection, each with the intended times of its unanswered requests.
@@ -349,7 +365,9 @@ async fn open_loop(
         }
     });
     while let Some((i, intended)) = due.recv().await {
-        let req = traffic.next_request();
+        let Some(req) = requests.get_mut(i as usize).and_then(Option::take) else {
+            break;
+        };
         let n = i as usize;
         if in_flight.load(Ordering::Relaxed) >= cfg.max_in_flight {
             rec.record(
@@ -409,5 +427,5 @@ async fn open_loop(
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
     }
-    Ok(())
+    Ok(Arc::clone(rec))
 }

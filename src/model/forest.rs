@@ -314,7 +314,10 @@ mod tests {
         let mut distinct = std::collections::BTreeSet::new();
         for &root in &forest.roots {
             let first = &forest.nodes[root as usize];
-            assert!(first.feature == LEAF || first.yes == root + 1, "trees are laid out depth-first");
+            assert!(
+                first.feature == LEAF || first.yes == root + 1,
+                "trees are laid out depth-first"
+            );
         }
         for (i, want) in expected.iter().enumerate() {
             let got = forest.predict(&test_rows[i * 5..i * 5 + 5]);

@@ -60,8 +60,9 @@ impl Default for HstParams {
 /// The learned part: node masses, saved in a model directory so a server starts warm.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HstMass {
-    pub reference: Vec<u32>,
-    pub latest: Vec<u32>,
+    /// Masses are at most `window` (<= 65,535), so 16 bits each: half the cache footprint.
+    pub reference: Vec<u16>,
+    pub latest: Vec<u16>,
     /// Transactions in `latest` so far.
     pub seen: u32,
 }
@@ -88,8 +89,10 @@ impl HalfSpaceTrees {
         (1 << (self.params.depth + 1)) - 1
     }
 
-    /// Builds the trees for `params`, with empty masses.
-    pub fn new(params: HstParams) -> HalfSpaceTrees {
+    /// Builds the trees for `params`, with empty masses. A window above 65,535 is capped
+    /// there (masses are 16-bit).
+    pub fn new(mut params: HstParams) -> HalfSpaceTrees {
+        params.window = params.window.clamp(1, u16::MAX as u32);
         let dims: Vec<(usize, f64, f64)> = FEATURES
             .iter()
             .enumerate()
@@ -172,7 +175,7 @@ impl HalfSpaceTrees {
             *p = ((x[i] - lo) / (hi - lo)).clamp(0.0, 1.0);
         }
         let (internal, nodes, depth) = (self.internal(), self.nodes(), self.params.depth);
-        let size_limit = (self.params.window / 10).max(1);
+        let size_limit = (self.params.window / 10).max(1) as u16;
         let mut mass = self.mass.lock();
         let mut score = 0.0;
         for t in 0..self.params.n_trees {
@@ -185,7 +188,7 @@ impl HalfSpaceTrees {
                     score += m as f64 * (1u64 << level) as f64;
                     scored = true;
                 }
-                mass.latest[base + node] += 1;
+                mass.latest[base + node] = mass.latest[base + node].saturating_add(1);
                 if level == depth {
                     break;
                 }

@@ -55,7 +55,7 @@ pub struct AccountView {
 }
 
 /// How many recent merchants an account remembers exactly.
-pub const RECENT_MERCHANTS: usize = 4;
+pub const RECENT_MERCHANTS: usize = 3;
 /// Merchants are remembered in two Bloom generations of this many seconds each.
 const BLOOM_EPOCH_SECS: i64 = EXPIRY_SECS;
 
@@ -65,19 +65,23 @@ pub struct AccountState {
     pub windows: Windows,
     /// Bloom filters of the merchants paid in the current and previous epoch.
     bloom: [u64; 2],
-    bloom_epoch: i64,
-    /// Low 32 bits (never 0) of the last merchants' keys, newest at `recent_at - 1`.
-    recent: [u32; RECENT_MERCHANTS],
-    recent_at: u8,
+    /// The current Bloom epoch, modulo 2^16 (compared by signed wrapping difference).
+    bloom_epoch: u16,
+    /// 16-bit fingerprints (never 0) of the last merchants' keys, newest first.
+    recent: [u16; RECENT_MERCHANTS],
 }
+
+// 200 bytes: with malloc's 8-byte header an account fills a 208-byte chunk exactly.
+const _: () = assert!(std::mem::size_of::<AccountState>() <= 200);
 
 fn bloom_bits(merchant: EntityKey) -> u64 {
     // Three bit positions from independent parts of the (already hashed) key.
     (1u64 << (merchant & 63)) | (1u64 << ((merchant >> 6) & 63)) | (1u64 << ((merchant >> 12) & 63))
 }
 
-fn short_key(merchant: EntityKey) -> u32 {
-    (merchant as u32) | 1
+fn short_key(merchant: EntityKey) -> u16 {
+    // Bits the Bloom filter does not use, so the two stay independent.
+    ((merchant >> 16) as u16) | 1
 }
 
 impl AccountState {
@@ -107,21 +111,19 @@ impl AccountState {
             distinct_recent_merchants: distinct,
         };
 
-        let epoch = t.div_euclid(BLOOM_EPOCH_SECS);
+        // Epochs modulo 2^16: a signed difference is exact for gaps under 2,700 years.
+        let epoch = t.div_euclid(BLOOM_EPOCH_SECS) as u16;
+        let ahead = epoch.wrapping_sub(self.bloom_epoch) as i16;
         if self.windows.head().is_none() {
             self.bloom_epoch = epoch;
-        } else if epoch > self.bloom_epoch {
-            self.bloom[1] = if epoch == self.bloom_epoch + 1 {
-                self.bloom[0]
-            } else {
-                0
-            };
+        } else if ahead > 0 {
+            self.bloom[1] = if ahead == 1 { self.bloom[0] } else { 0 };
             self.bloom[0] = 0;
             self.bloom_epoch = epoch;
         }
         self.bloom[0] |= bits;
-        self.recent[self.recent_at as usize % RECENT_MERCHANTS] = short_key(merchant);
-        self.recent_at = ((self.recent_at as usize + 1) % RECENT_MERCHANTS) as u8;
+        self.recent.copy_within(0..RECENT_MERCHANTS - 1, 1);
+        self.recent[0] = short_key(merchant);
         self.windows.add(t, amount);
         view
     }
@@ -156,6 +158,10 @@ mod tests {
             a.observe(i as i64 * 10, 1.0, m << 20);
         }
         let v = a.observe(100, 1.0, 9);
-        assert_eq!(v.distinct_recent_merchants, 3); // last four: 2, 3, 2, 5
+        assert_eq!(v.distinct_recent_merchants, 3); // last three: 3, 2, 5
+        let v = a.observe(110, 1.0, 5 << 20);
+        assert_eq!(v.distinct_recent_merchants, 3); // 2, 5, 9
+        let v = a.observe(120, 1.0, 5 << 20);
+        assert_eq!(v.distinct_recent_merchants, 2); // 5, 9, 5
     }
 }

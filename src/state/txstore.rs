@@ -46,12 +46,16 @@ pub struct TxStore {
 }
 
 impl TxStore {
-    /// A store that remembers at most `capacity` transactions (at least 1).
+    /// A store that remembers at most `capacity` transactions (at least 1). The table is
+    /// sized for that up front (only its control bytes are written now), so it never
+    /// rehashes a million entries in the middle of a request.
     pub fn new(capacity: usize) -> TxStore {
+        let capacity = capacity.max(1);
+        let presize = capacity.min(1 << 22);
         TxStore {
-            map: DashMap::with_hasher(FxBuildHasher),
-            order: Mutex::new(VecDeque::new()),
-            capacity: capacity.max(1),
+            map: DashMap::with_capacity_and_hasher(presize, FxBuildHasher),
+            order: Mutex::new(VecDeque::with_capacity(presize)),
+            capacity,
         }
     }
 
