@@ -210,6 +210,11 @@ impl Simulator {
         })
     }
 
+    /// A random online merchant.
+    fn online_merchant(&mut self) -> usize {
+        self.online[self.rng.gen_range(0..self.online.len())]
+    }
+
     fn per_day(&mut self, base: f64) -> u32 {
         Poisson::new((base * self.params.fraud_scale).max(1e-9))
             .map(|p| p.sample(&mut self.rng) as u32)
@@ -324,7 +329,7 @@ impl Simulator {
                 };
                 let time = day_start + self.rng.gen_range(0..6 * 3_600) + night;
                 let amount = self.accounts[a].mean_log.exp() * self.rng.gen_range(3.0..8.0);
-                let m = self.online[self.rng.gen_range(0..self.online.len())];
+                let m = self.online_merchant();
                 let amount_minor = (amount * 100.0).round() as i64;
                 out.push(self.payment_from(
                     time,
@@ -343,7 +348,7 @@ impl Simulator {
             let mut time = day_start + self.rng.gen_range(0..20 * 3_600);
             for _ in 0..self.rng.gen_range(5..15) {
                 time += self.rng.gen_range(20..180);
-                let m = self.online[self.rng.gen_range(0..self.online.len())];
+                let m = self.online_merchant();
                 let amount_minor = self.rng.gen_range(50..300);
                 out.push(self.payment_from(
                     time,
@@ -356,7 +361,7 @@ impl Simulator {
             }
             for _ in 0..self.rng.gen_range(1..3) {
                 time += self.rng.gen_range(600..7_200);
-                let m = self.online[self.rng.gen_range(0..self.online.len())];
+                let m = self.online_merchant();
                 let amount_minor = self.rng.gen_range(20_000..150_000);
                 out.push(self.payment_from(
                     time,

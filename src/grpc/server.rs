@@ -102,12 +102,7 @@ pub async fn run(
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SCORER, ServingStatus::NotServing)
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -159,10 +154,7 @@ pub async fn run(
         }
     };
     let _ = engine_cell.set(Arc::clone(&engine));
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(SCORER, ServingStatus::Serving)
-        .await;
+    set_health(&health, ServingStatus::Serving).await;
     info!(%addr, "serving");
 
     let evictor = tokio::spawn(evict_periodically(Arc::clone(&engine), config.evict_every));
@@ -178,12 +170,7 @@ pub async fn run(
         anyhow::bail!("the server stopped on its own");
     }
     info!("shutting down: refusing new calls, finishing in-flight ones");
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SCORER, ServingStatus::NotServing)
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.shutdown_grace, server).await {
         Ok(result) => result.context("the server task failed")??,
@@ -194,6 +181,12 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Sets the health of the whole server and of the scorer together.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SCORER, status).await;
 }
 
 async fn evict_periodically(engine: Arc<Engine>, every: Duration) {
