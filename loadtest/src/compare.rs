@@ -25,7 +25,7 @@ pub struct CompareConfig {
     pub rpc: Rpc,
     pub accounts: usize,
     pub merchants: usize,
-    /// The `fraudgate` binary (default: next to this one).
+    /// A `fraudgate` binary to run instead of this binary's built-in copy of the server.
     pub fraudgate_bin: Option<PathBuf>,
 }
 
@@ -50,25 +50,25 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// How to start fraudgate: the real binary beside this one, or this binary serving the same
-/// library code when the binary has not been built.
+/// How to start fraudgate: the binary given with `--fraudgate-bin`, or else this binary
+/// serving fraudgate's library on its defaults (the very call `fraudgate serve` makes, and
+/// always built from the same sources as this loadtest, where a `fraudgate` binary lying
+/// beside it could be stale).
 fn fraudgate_command(cfg: &CompareConfig, listen: &str) -> anyhow::Result<(Command, String)> {
-    let me = std::env::current_exe().context("finding the loadtest binary")?;
-    let sibling = me.with_file_name("fraudgate");
-    let bin = cfg
-        .fraudgate_bin
-        .clone()
-        .or_else(|| sibling.exists().then_some(sibling));
-    Ok(match bin {
+    Ok(match &cfg.fraudgate_bin {
         Some(bin) => {
-            let mut c = Command::new(&bin);
+            let mut c = Command::new(bin);
             c.args(["serve", "--listen", listen]);
-            (c, bin.display().to_string())
+            (c, format!("{} serve", bin.display()))
         }
         None => {
+            let me = std::env::current_exe().context("finding the loadtest binary")?;
             let mut c = Command::new(&me);
             c.args(["serve-fraudgate", "--listen", listen]);
-            (c, format!("{} serve-fraudgate (fraudgate's library; build the fraudgate binary to use it instead)", me.display()))
+            (
+                c,
+                "loadtest serve-fraudgate: fraudgate's server on its defaults".to_owned(),
+            )
         }
     })
 }

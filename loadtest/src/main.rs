@@ -37,8 +37,8 @@ enum Command {
     },
     /// Start fraudgate and the ceiling server in turn and compare them.
     Compare(CompareArgs),
-    /// Serve fraudgate on its defaults from this binary (used by `compare` when the
-    /// `fraudgate` binary is not built).
+    /// Serve fraudgate on its defaults from this binary (what `compare` runs unless given
+    /// `--fraudgate-bin`).
     #[command(hide = true)]
     ServeFraudgate {
         #[arg(long)]
@@ -126,7 +126,8 @@ struct CompareArgs {
     accounts: usize,
     #[arg(long, default_value_t = 10_000)]
     merchants: usize,
-    /// The fraudgate binary (default: the one next to loadtest).
+    /// Run this fraudgate binary (`BIN serve --listen ...`) instead of the server built into
+    /// loadtest.
     #[arg(long)]
     fraudgate_bin: Option<PathBuf>,
 }
