@@ -32,8 +32,10 @@ const fn anomaly_dims() -> usize {
     n
 }
 
-/// Size of the normalised point; checked at compile time against the feature table.
+/// Size of the normalised point (a power of two, so masking an index keeps it in bounds);
+/// checked at compile time against the feature table.
 const MAX_DIMS: usize = 32;
+const _: () = assert!(MAX_DIMS.is_power_of_two());
 const _: () = assert!(anomaly_dims() > 0 && anomaly_dims() <= MAX_DIMS);
 
 /// Shape of the forest of half-space trees.
@@ -177,28 +179,38 @@ impl HalfSpaceTrees {
         let (internal, nodes, depth) = (self.internal(), self.nodes(), self.params.depth);
         let size_limit = (self.params.window / 10).max(1) as u16;
         let mut mass = self.mass.lock();
+        let HstMass {
+            reference, latest, ..
+        } = &mut *mass;
         let mut score = 0.0;
-        for t in 0..self.params.n_trees {
-            let (splits, base) = (t * internal, t * nodes);
+        // One tree at a time through per-tree slices: the indexing below stays within a
+        // slice whose length the loop knows, which keeps the inner loop short.
+        let trees = self
+            .split_dim
+            .chunks_exact(internal)
+            .zip(self.split_at.chunks_exact(internal))
+            .zip(
+                reference
+                    .chunks_exact(nodes)
+                    .zip(latest.chunks_exact_mut(nodes)),
+            );
+        for ((dims, ats), (refs, lats)) in trees {
             let mut node = 0usize;
             let mut scored = false;
-            for level in 0..=depth {
-                let m = mass.reference[base + node];
-                if !scored && (level == depth || m < size_limit) {
+            for level in 0..depth {
+                let m = refs[node];
+                if !scored && m < size_limit {
                     score += m as f64 * (1u64 << level) as f64;
                     scored = true;
                 }
-                mass.latest[base + node] = mass.latest[base + node].saturating_add(1);
-                if level == depth {
-                    break;
-                }
-                let q = self.split_dim[splits + node] as usize;
-                node = if point[q] < self.split_at[splits + node] {
-                    2 * node + 1
-                } else {
-                    2 * node + 2
-                };
+                lats[node] = lats[node].saturating_add(1);
+                let left = point[dims[node] as usize & (MAX_DIMS - 1)] < ats[node];
+                node = 2 * node + 2 - usize::from(left);
             }
+            if !scored {
+                score += refs[node] as f64 * (1u64 << depth) as f64;
+            }
+            lats[node] = lats[node].saturating_add(1);
         }
         mass.seen += 1;
         if mass.seen >= self.params.window {
