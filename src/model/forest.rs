@@ -54,13 +54,35 @@ impl Default for ForestParams {
     }
 }
 
+/// Most features a forest may split on: the serving walk pads the feature vector to this
+/// power of two, so a masked index needs no bounds check.
+pub const MAX_FEATURES: usize = 32;
+
+/// One node of the serving walk (24 bytes: smaller than [`Node`], so more of the forest stays
+/// in cache). The `yes` child is always the next node (depth-first layout), so only `no` is
+/// stored. A leaf keeps its value in `threshold`. `delta` is this node's mean minus its
+/// parent's: the contribution of the split that led here, ready to add.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+struct Step {
+    threshold: f64,
+    delta: f64,
+    no: u32,
+    feature: u32,
+}
+
 /// A random forest as one flat, read-only node array. Shared by reference; no locks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CompiledForest {
     pub n_features: usize,
     /// Index of each tree's root in `nodes`.
     pub roots: Vec<u32>,
     pub nodes: Vec<Node>,
+    /// The same trees in the serving layout, derived from `nodes` by [`CompiledForest::new`].
+    #[serde(skip)]
+    walk: Vec<Step>,
+    #[serde(skip)]
+    walk_roots: Vec<u32>,
 }
 
 /// Trains a smartcore forest on `rows` (each of `n_features` values) and 0/1 targets, with
@@ -106,17 +128,14 @@ impl CompiledForest {
         let trees = field(field(&v, "forest_regressor")?, "trees")?
             .as_array()
             .context("smartcore forest has no tree list")?;
-        let mut forest = CompiledForest {
-            n_features,
-            roots: Vec::with_capacity(trees.len()),
-            nodes: Vec::new(),
-        };
+        let mut roots = Vec::with_capacity(trees.len());
+        let mut all = Vec::new();
         for tree in trees {
             let nodes = field(tree, "nodes")?
                 .as_array()
                 .context("smartcore tree has no node list")?;
-            let base = forest.nodes.len() as u32;
-            forest.roots.push(base);
+            let base = all.len() as u32;
+            roots.push(base);
             for node in nodes {
                 let value = field(node, "output")?
                     .as_f64()
@@ -152,11 +171,53 @@ impl CompiledForest {
                     },
                     _ => bail!("smartcore node with only one child"),
                 };
-                forest.nodes.push(compiled);
+                all.push(compiled);
             }
         }
+        CompiledForest::new(n_features, roots, all)
+    }
+
+    /// A forest from its trees, checked ([`Self::validate`]), laid out depth-first, with the
+    /// serving walk built.
+    pub fn new(
+        n_features: usize,
+        roots: Vec<u32>,
+        nodes: Vec<Node>,
+    ) -> anyhow::Result<CompiledForest> {
+        let forest = CompiledForest {
+            n_features,
+            roots,
+            nodes,
+            walk: Vec::new(),
+            walk_roots: Vec::new(),
+        };
         forest.validate()?;
-        Ok(forest.preorder())
+        let mut forest = forest.preorder();
+        let mut parent_value = vec![0.0; forest.nodes.len()];
+        for (i, node) in forest.nodes.iter().enumerate() {
+            if node.feature != LEAF {
+                parent_value[node.yes as usize] = node.value;
+                parent_value[node.no as usize] = node.value;
+            }
+            debug_assert!(node.feature == LEAF || node.yes as usize == i + 1);
+        }
+        forest.walk = forest
+            .nodes
+            .iter()
+            .zip(&parent_value)
+            .map(|(node, parent)| Step {
+                threshold: if node.feature == LEAF {
+                    node.value
+                } else {
+                    node.threshold
+                },
+                delta: node.value - parent,
+                no: node.no,
+                feature: node.feature,
+            })
+            .collect();
+        forest.walk_roots = forest.roots.clone();
+        Ok(forest)
     }
 
     /// The same forest with each tree laid out depth-first, `yes` child right after its
@@ -191,6 +252,8 @@ impl CompiledForest {
             n_features: self.n_features,
             roots,
             nodes,
+            walk: Vec::new(),
+            walk_roots: Vec::new(),
         }
     }
 
@@ -198,6 +261,11 @@ impl CompiledForest {
     /// their parent), so prediction cannot go astray on a corrupt file.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.roots.is_empty(), "the forest has no trees");
+        anyhow::ensure!(
+            self.n_features <= MAX_FEATURES,
+            "the forest has {} features; at most {MAX_FEATURES} are supported",
+            self.n_features
+        );
         let n = self.nodes.len() as u32;
         for (i, node) in self.nodes.iter().enumerate() {
             if node.feature == LEAF {
@@ -246,23 +314,34 @@ impl CompiledForest {
     /// `predict` (leaf values summed in the same order); the mean root value plus the sum of
     /// the contributions equals it up to rounding.
     pub fn predict_with_contributions(&self, x: &[f64], out: &mut [f64]) -> f64 {
-        let scale = 1.0 / self.roots.len() as f64;
+        // Padded copies: a masked feature index is always in bounds, so the loop below
+        // checks nothing but the node index.
+        let mut point = [0.0; MAX_FEATURES];
+        let n = x.len().min(MAX_FEATURES);
+        point[..n].copy_from_slice(&x[..n]);
+        let mut contributions = [0.0; MAX_FEATURES];
         let mut sum = 0.0;
-        for &root in &self.roots {
-            let mut node = &self.nodes[root as usize];
-            while node.feature != LEAF {
-                let next = if x[node.feature as usize] <= node.threshold {
-                    node.yes
+        for &root in &self.walk_roots {
+            let mut at = root as usize;
+            let mut step = self.walk[at];
+            while step.feature != LEAF {
+                let feature = step.feature as usize & (MAX_FEATURES - 1);
+                at = if point[feature] <= step.threshold {
+                    at + 1
                 } else {
-                    node.no
+                    step.no as usize
                 };
-                let child = &self.nodes[next as usize];
-                out[node.feature as usize] += (child.value - node.value) * scale;
-                node = child;
+                let child = self.walk[at];
+                contributions[feature] += child.delta;
+                step = child;
             }
-            sum += node.value;
+            sum += step.threshold;
         }
-        sum / self.roots.len() as f64
+        let scale = 1.0 / self.walk_roots.len() as f64;
+        for (o, c) in out.iter_mut().zip(contributions) {
+            *o += c * scale;
+        }
+        sum / self.walk_roots.len() as f64
     }
 
     /// The mean root value: the prediction before any split.
@@ -357,17 +436,13 @@ mod tests {
 
     #[test]
     fn corrupt_forest_is_refused() {
-        let forest = CompiledForest {
-            n_features: 2,
-            roots: vec![0],
-            nodes: vec![Node {
-                feature: 0,
-                yes: 0,
-                no: 5,
-                threshold: 0.5,
-                value: 0.1,
-            }],
-        };
-        assert!(forest.validate().is_err());
+        let nodes = vec![Node {
+            feature: 0,
+            yes: 0,
+            no: 5,
+            threshold: 0.5,
+            value: 0.1,
+        }];
+        assert!(CompiledForest::new(2, vec![0], nodes).is_err());
     }
 }

@@ -135,13 +135,7 @@ impl TryFrom<ForestFile> for CompiledForest {
                 value: f.value[i],
             })
             .collect();
-        let forest = CompiledForest {
-            n_features: f.n_features,
-            roots: f.roots,
-            nodes,
-        };
-        forest.validate()?;
-        Ok(forest)
+        CompiledForest::new(f.n_features, f.roots, nodes)
     }
 }
 
