@@ -19,6 +19,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use super::parse;
 use super::service::ScorerService;
 use crate::engine::{Engine, EngineConfig};
 use crate::model::Model;
@@ -103,6 +104,7 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
+    parse::warm_up();
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
