@@ -33,6 +33,6 @@ pub fn requests(accounts: usize, n: usize) -> Vec<proto::ScoreRequest> {
 pub fn transactions(accounts: usize, n: usize) -> Vec<Transaction> {
     requests(accounts, n)
         .into_iter()
-        .map(|r| parse::transaction(r, &ParseLimits::default()).expect("valid"))
+        .map(|r| parse::transaction(&r, &ParseLimits::default()).expect("valid"))
         .collect()
 }

@@ -58,7 +58,7 @@ fn bench(c: &mut Criterion) {
                 i += 1;
                 requests[i % requests.len()].clone()
             },
-            |r| black_box(parse::transaction(r, &ParseLimits::default())),
+            |r| black_box(parse::transaction(&r, &ParseLimits::default())),
             criterion::BatchSize::SmallInput,
         )
     });

@@ -135,7 +135,7 @@ pub fn read_from(input: impl std::io::Read) -> anyhow::Result<Vec<Record>> {
     read_requests_from(input)?
         .into_iter()
         .map(|r| {
-            let tx = parse::transaction(r.request, &limits)
+            let tx = parse::transaction(&r.request, &limits)
                 .with_context(|| format!("line {}", r.line))?;
             Ok(Record { tx, label: r.label })
         })

@@ -5,17 +5,28 @@
 //! windows) -> features -> models -> policy -> stored answer. It never reads the wall clock
 //! and never awaits, so it can run inline on a tokio worker and two engines fed the same
 //! requests in the same order give bit-identical answers. Shared as `Arc<Engine>`.
+//!
+//! Every change to what later scores can see (state windows, the anomaly model's masses,
+//! fraud counts from feedback) happens under one short lock, the sequencer, which numbers it.
+//! That number (`seq`) orders the journal, so replaying the journal after a snapshot applies
+//! the changes in exactly the order they first happened; and a snapshot taken under the
+//! sequencer is a consistent cut at one `seq`. The lock covers the state update, feature
+//! extraction and the anomaly step (about 3 us); the forest and the policy run outside it.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::domain::{Feedback, FeedbackOutcome, ScoreOutcome, Scored, Transaction};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Feedback, FeedbackOutcome, Label, ScoreOutcome, Scored, Transaction};
 use crate::features::{self, FeatureVector};
+use crate::model::hst::HstMass;
 use crate::model::{Model, Prediction};
 use crate::policy::Policy;
-use crate::state::txstore::{Conflict, NotFound, TxStore};
-use crate::state::{EntityCounts, State, TxFacts};
+use crate::state::txstore::{Conflict, NotFound, TxRecord, TxStore};
+use crate::state::{EntityCounts, State, StateImage, TxFacts};
 
 /// Settings of the engine itself.
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +48,35 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone)]
 pub struct Traced {
     pub outcome: ScoreOutcome,
-    pub detail: Option<(FeatureVector, Prediction)>,
+    pub detail: Option<Detail>,
+}
+
+/// What a fresh score was computed from, and its place in the sequence.
+#[derive(Debug, Clone)]
+pub struct Detail {
+    pub seq: u64,
+    pub features: FeatureVector,
+    pub prediction: Prediction,
+}
+
+/// Applied feedback and its place in the sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedbackApplied {
+    pub seq: u64,
+    pub outcome: FeedbackOutcome,
+    /// The change made to the fraud counts: +1, -1 or 0.
+    pub fraud_delta: i32,
+}
+
+/// Everything a snapshot holds: a consistent cut of the engine at `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineImage {
+    /// The last sequence number whose change the image includes.
+    pub seq: u64,
+    /// The model whose anomaly masses these are.
+    pub model_version: String,
+    pub anomaly: HstMass,
+    pub state: StateImage,
 }
 
 /// The scoring engine: state, the current model and the current policy.
@@ -47,6 +86,8 @@ pub struct Engine {
     txs: TxStore,
     model: ArcSwap<Model>,
     policy: ArcSwap<Policy>,
+    /// The last sequence number handed out.
+    sequencer: Mutex<u64>,
 }
 
 impl Engine {
@@ -56,6 +97,7 @@ impl Engine {
             txs: TxStore::new(config.max_tracked_transactions),
             model: ArcSwap::from_pointee(model),
             policy: ArcSwap::from_pointee(policy),
+            sequencer: Mutex::new(0),
         }
     }
 
@@ -65,14 +107,21 @@ impl Engine {
         self.score_traced(tx).map(|t| t.outcome)
     }
 
-    /// [`Engine::score`], also returning the feature vector and model outputs.
+    /// [`Engine::score`], also returning the feature vector, model outputs and sequence
+    /// number.
     pub fn score_traced(&self, tx: &Transaction) -> Result<Traced, Conflict> {
         let mut detail = None;
         let (scored, replayed) = self.txs.score_once(tx.key, tx.fingerprint(), || {
-            let snapshot = self.state.observe(tx);
-            let features = features::extract(tx, &snapshot);
             let model = self.model.load();
-            let prediction = model.predict(&features);
+            let (seq, snapshot, features, anomaly_mass) = {
+                let mut seq = self.sequencer.lock();
+                *seq += 1;
+                let snapshot = self.state.observe(tx);
+                let features = features::extract(tx, &snapshot);
+                let mass = model.score_and_learn_anomaly(&features);
+                (*seq, snapshot, features, mass)
+            };
+            let prediction = model.classify(&features, anomaly_mass);
             let policy = self.policy.load();
             let (decision, reasons) = policy.decide(
                 tx,
@@ -81,7 +130,11 @@ impl Engine {
                 &prediction,
                 model.meta.anomaly_weight,
             );
-            detail = Some((features, prediction));
+            detail = Some(Detail {
+                seq,
+                features,
+                prediction,
+            });
             let scored = Scored {
                 decision,
                 score: prediction.score,
@@ -100,12 +153,106 @@ impl Engine {
 
     /// Applies a label to a scored transaction: the fraud counts of its account, merchant,
     /// device and IP change at once, in the buckets of the transaction's own event time.
-    pub fn feedback(&self, fb: &Feedback) -> Result<FeedbackOutcome, NotFound> {
-        self.txs.set_label(fb.key, fb.label, |facts, delta| {
+    pub fn feedback(&self, fb: &Feedback) -> Result<FeedbackApplied, NotFound> {
+        let mut numbered = None;
+        let outcome = self.txs.set_label(fb.key, fb.label, |facts, delta| {
+            let mut seq = self.sequencer.lock();
+            *seq += 1;
             if delta != 0 {
                 self.state.add_fraud(facts, delta);
             }
+            numbered = Some((*seq, delta));
+        })?;
+        // Feedback that changed nothing still gets a number, for the journal's order.
+        let (seq, fraud_delta) = numbered.unwrap_or_else(|| {
+            let mut seq = self.sequencer.lock();
+            *seq += 1;
+            (*seq, 0)
+        });
+        Ok(FeedbackApplied {
+            seq,
+            outcome,
+            fraud_delta,
         })
+    }
+
+    /// A consistent copy of everything a snapshot holds. Scoring waits meanwhile (the copy
+    /// is made under the sequencer); writing it out happens after, without the lock.
+    pub fn image(&self) -> EngineImage {
+        let model = self.model.load();
+        let seq = self.sequencer.lock();
+        EngineImage {
+            seq: *seq,
+            model_version: model.version.to_string(),
+            anomaly: model.anomaly_mass(),
+            state: self.state.image(),
+        }
+    }
+
+    /// Starts from a snapshot. The anomaly masses are taken only if the image was made with
+    /// the model now loaded; returns whether they were.
+    pub fn restore(&self, image: EngineImage) -> bool {
+        let model = self.model.load();
+        let mut seq = self.sequencer.lock();
+        *seq = image.seq;
+        self.state.restore(image.state);
+        image.model_version == *model.version && model.restore_anomaly_mass(image.anomaly).is_ok()
+    }
+
+    /// Re-applies a journaled decision's changes (start-up only): the state update, and the
+    /// anomaly model learning the features as journaled. Returns the features the state now
+    /// gives, which equal the journaled ones when the replay is exact.
+    pub fn replay_decision(
+        &self,
+        seq: u64,
+        tx: &Transaction,
+        journaled: &FeatureVector,
+    ) -> FeatureVector {
+        let model = self.model.load();
+        let mut next = self.sequencer.lock();
+        *next = (*next).max(seq);
+        let snapshot = self.state.observe(tx);
+        model.score_and_learn_anomaly(journaled);
+        features::extract(tx, &snapshot)
+    }
+
+    /// Re-applies journaled feedback's change to the fraud counts (start-up only).
+    pub fn replay_feedback(&self, seq: u64, facts: &TxFacts, fraud_delta: i32) {
+        let mut next = self.sequencer.lock();
+        *next = (*next).max(seq);
+        if fraud_delta != 0 {
+            self.state.add_fraud(facts, fraud_delta);
+        }
+    }
+
+    /// Puts a journaled transaction back into the store of recent ones (start-up only), so
+    /// retries get their stored answer and feedback finds it.
+    pub fn restore_transaction(
+        &self,
+        tx: &Transaction,
+        scored: Arc<Scored>,
+        label: Option<Label>,
+    ) {
+        self.txs.restore(
+            tx.key,
+            TxRecord {
+                fingerprint: tx.fingerprint(),
+                facts: TxFacts::of(tx),
+                label,
+                scored,
+            },
+        );
+    }
+
+    /// Continues numbering after `seq` (start-up only).
+    pub fn advance_seq(&self, seq: u64) {
+        let mut next = self.sequencer.lock();
+        *next = (*next).max(seq);
+    }
+
+    /// The last sequence number handed out.
+    pub fn seq(&self) -> u64 {
+        *self.sequencer.lock()
     }
 
     /// Drops entities idle for longer than every window; see [`State::evict_idle`].

@@ -11,9 +11,12 @@ pub mod engine;
 pub mod features;
 pub mod grpc;
 pub mod ids;
+pub mod journal;
 pub mod model;
+pub mod node;
 pub mod policy;
 pub mod sim;
+pub mod snapshot;
 pub mod state;
 pub mod train;
 

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fraudgate::engine::EngineConfig;
 use fraudgate::grpc::server::{self, ModelSource, ServeConfig};
+use fraudgate::journal::Durability;
 use fraudgate::model::forest::ForestParams;
 use fraudgate::model::hst::HstParams;
 use fraudgate::sim::{self, SimParams};
@@ -31,6 +32,17 @@ enum Command {
     Train(TrainArgs),
 }
 
+/// A retention period, or none.
+#[derive(Debug, Clone, Copy)]
+struct Retention(Option<Duration>);
+
+fn retention(text: &str) -> Result<Retention, String> {
+    if text == "off" {
+        return Ok(Retention(None));
+    }
+    duration(text).map(|d| Retention(Some(d)))
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (try 7d, 36h, 90s)"))
 }
@@ -47,9 +59,23 @@ struct ServeArgs {
     /// no rules.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// Directory for the server's files (created if missing).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    /// Directory for the journal (SQLite) and snapshots, created if missing; the state is
+    /// recovered from it at start.
+    #[arg(long, default_value = "fraudgate-data")]
+    data_dir: PathBuf,
+    /// Keep nothing on disk: no journal, no snapshots, state lost at exit.
+    #[arg(long, conflicts_with = "durability")]
+    ephemeral: bool,
+    /// When `Score` answers: `async` before its decision is committed to the journal (a
+    /// crash can lose the last few milliseconds of decisions), `sync` after.
+    #[arg(long, value_enum)]
+    durability: Option<Durability>,
+    /// How often the state is snapshotted (also at shutdown).
+    #[arg(long, value_parser = duration, default_value = "5m")]
+    snapshot_interval: Duration,
+    /// Journal rows older than this are deleted ("off" keeps everything).
+    #[arg(long, value_parser = retention, default_value = "90d")]
+    journal_retention: Retention,
     /// Transactions remembered for idempotent retries and feedback.
     #[arg(long, default_value_t = 1_000_000)]
     max_tracked_transactions: usize,
@@ -159,7 +185,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         model: args.model.map_or(ModelSource::Embedded, ModelSource::Dir),
         policy: args.policy,
-        data_dir: args.data_dir,
+        data_dir: (!args.ephemeral).then_some(args.data_dir),
+        durability: args.durability.unwrap_or_default(),
+        snapshot_every: args.snapshot_interval,
+        journal_retention: args.journal_retention.0,
         engine: EngineConfig {
             max_tracked_transactions: args.max_tracked_transactions,
         },

@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::dataset::{self, Record};
 use crate::domain::{Feedback, Label};
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Detail, Engine, EngineConfig};
 use crate::features::{self, N_FEATURES};
 use crate::model::forest::{fit_smartcore, CompiledForest, ForestParams};
 use crate::model::hst::HstParams;
@@ -142,7 +142,12 @@ pub fn replay(
                 rec.tx.id
             )
         })?;
-        let Some((features, prediction)) = traced.detail else {
+        let Some(Detail {
+            features,
+            prediction,
+            ..
+        }) = traced.detail
+        else {
             continue; // an exact duplicate row: a retry, counted once
         };
         let fraud = rec.label == Some(true);

@@ -166,11 +166,12 @@ pub fn currency_exponent(field: &'static str, code: &str) -> Result<([u8; 3], u3
 
 /// Parses a `ScoreRequest` into a [`Transaction`].
 pub fn transaction(
-    req: proto::ScoreRequest,
+    req: &proto::ScoreRequest,
     limits: &ParseLimits,
 ) -> Result<Transaction, FieldError> {
     let t = req
         .transaction
+        .as_ref()
         .ok_or_else(|| FieldError::new("transaction", "is required"))?;
     id("transaction.transaction_id", &t.transaction_id)?;
     id("transaction.account_id", &t.account_id)?;
@@ -246,12 +247,12 @@ pub fn transaction(
         country,
         device,
         ip,
-        id: t.transaction_id,
+        id: t.transaction_id.clone(),
     })
 }
 
 /// Parses a `ReportFeedbackRequest` into [`Feedback`].
-pub fn feedback(req: proto::ReportFeedbackRequest) -> Result<Feedback, FieldError> {
+pub fn feedback(req: &proto::ReportFeedbackRequest) -> Result<Feedback, FieldError> {
     id("transaction_id", &req.transaction_id)?;
     let label = match proto::Label::try_from(req.label) {
         Ok(proto::Label::Fraud) => Label::Fraud,
@@ -281,7 +282,7 @@ pub fn feedback(req: proto::ReportFeedbackRequest) -> Result<Feedback, FieldErro
     }
     Ok(Feedback {
         key: tx_key(&req.transaction_id),
-        transaction_id: req.transaction_id,
+        transaction_id: req.transaction_id.clone(),
         label,
     })
 }

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -22,6 +22,9 @@ use tracing::{info, warn};
 use super::parse;
 use super::service::ScorerService;
 use crate::engine::{Engine, EngineConfig};
+use crate::journal::{recover, Durability, Journal, JournalConfig, JOURNAL_FILE};
+use crate::node::Node;
+use crate::snapshot;
 use crate::model::Model;
 use crate::policy::{Policy, PolicyFile};
 use crate::proto::{self, fraud_scorer_server::FraudScorerServer};
@@ -50,6 +53,14 @@ pub struct ServeConfig {
     pub evict_every: Duration,
     /// How long in-flight calls may run after shutdown begins.
     pub shutdown_grace: Duration,
+    /// When `Score` answers relative to its journal commit (with a data directory).
+    pub durability: Durability,
+    /// How often a snapshot is written (with a data directory); also at shutdown.
+    pub snapshot_every: Duration,
+    /// Journal rows older than this are deleted (never those a snapshot still needs).
+    pub journal_retention: Option<Duration>,
+    /// Journal entries that may wait for the disk before requests are refused.
+    pub journal_queue: usize,
 }
 
 impl Default for ServeConfig {
@@ -62,6 +73,10 @@ impl Default for ServeConfig {
             max_future_skew: None,
             evict_every: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            durability: Durability::Async,
+            snapshot_every: Duration::from_secs(300),
+            journal_retention: Some(Duration::from_secs(90 * 86_400)),
+            journal_queue: 65_536,
         }
     }
 }
@@ -97,10 +112,10 @@ pub async fn run(
     let addr: SocketAddr = listener
         .local_addr()
         .context("reading the listener's address")?;
-    if let Some(dir) = &config.data_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the data directory {}", dir.display()))?;
-    }
+    let data = match &config.data_dir {
+        Some(dir) => Some(DataDir::open(dir)?),
+        None => None,
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -118,9 +133,9 @@ pub async fn run(
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
-    let engine_cell: Arc<OnceLock<Arc<Engine>>> = Arc::new(OnceLock::new());
+    let node_cell: Arc<OnceLock<Arc<Node>>> = Arc::new(OnceLock::new());
     let scorer = FraudScorerServer::new(ScorerService::new(
-        Arc::clone(&engine_cell),
+        Arc::clone(&node_cell),
         config.max_future_skew,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -144,22 +159,33 @@ pub async fn run(
     info!(%addr, "listening; loading the model");
 
     let loading = config.clone();
-    let engine = match tokio::task::spawn_blocking(move || build_engine(&loading)).await {
-        Ok(Ok(engine)) => Arc::new(engine),
-        Ok(Err(e)) => {
+    let data_dir = data.as_ref().map(|d| d.path.clone());
+    let started = tokio::task::spawn_blocking(move || start_node(&loading, data_dir.as_deref()))
+        .await
+        .map_err(|e| anyhow::anyhow!("the start-up task panicked: {e}"))
+        .and_then(|r| r);
+    let node = match started {
+        Ok(node) => Arc::new(node),
+        Err(e) => {
             let _ = stop_tx.send(());
             return Err(e);
         }
-        Err(e) => {
-            let _ = stop_tx.send(());
-            return Err(e).context("the model loader panicked");
-        }
     };
-    let _ = engine_cell.set(Arc::clone(&engine));
+    let _ = node_cell.set(Arc::clone(&node));
     set_health(&health, ServingStatus::Serving).await;
     info!(%addr, "serving");
 
-    let evictor = tokio::spawn(evict_periodically(Arc::clone(&engine), config.evict_every));
+    let evictor = tokio::spawn(evict_periodically(
+        Arc::clone(node.engine()),
+        config.evict_every,
+    ));
+    let snapshotter = data.as_ref().map(|d| {
+        tokio::spawn(snapshot_periodically(
+            Arc::clone(&node),
+            d.path.clone(),
+            config.snapshot_every,
+        ))
+    });
 
     tokio::pin!(server);
     let early = tokio::select! {
@@ -167,6 +193,9 @@ pub async fn run(
         result = &mut server => Some(result),
     };
     evictor.abort();
+    if let Some(s) = &snapshotter {
+        s.abort();
+    }
     if let Some(result) = early {
         result.context("the server task failed")??;
         anyhow::bail!("the server stopped on its own");
@@ -181,8 +210,123 @@ pub async fn run(
             "in-flight calls did not finish in time; closing them"
         ),
     }
+    if let Some(data) = &data {
+        // Nothing new can reach the engine now: flush, snapshot, close the journal.
+        write_snapshot(&node, &data.path).await?;
+        drop(node_cell);
+        let node = Arc::into_inner(node);
+        if let Some(journal) = node.and_then(|n| n.into_journal()) {
+            tokio::task::spawn_blocking(move || journal.close())
+                .await
+                .context("closing the journal")??;
+        }
+    }
     info!("stopped");
     Ok(())
+}
+
+/// The data directory, held exclusively by this process while it runs.
+struct DataDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl DataDir {
+    fn open(path: &Path) -> anyhow::Result<DataDir> {
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("creating the data directory {}", path.display()))?;
+        let lock_path = path.join("LOCK");
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("creating {}", lock_path.display()))?;
+        lock.try_lock().map_err(|e| {
+            anyhow::anyhow!(
+                "the data directory {} is in use by another fraudgate ({e})",
+                path.display()
+            )
+        })?;
+        Ok(DataDir {
+            path: path.to_owned(),
+            _lock: lock,
+        })
+    }
+}
+
+/// Loads the model and policy, opens the journal and recovers the state: everything that
+/// must happen before the server says SERVING.
+fn start_node(config: &ServeConfig, data_dir: Option<&Path>) -> anyhow::Result<Node> {
+    let engine = Arc::new(build_engine(config)?);
+    let Some(dir) = data_dir else {
+        return Ok(Node::new(engine, None, config.durability));
+    };
+    let journal_path = dir.join(JOURNAL_FILE);
+    let journal = Journal::open(JournalConfig {
+        path: journal_path.clone(),
+        retention: config.journal_retention,
+        queue: config.journal_queue,
+    })?;
+    let report = recover::recover(
+        &engine,
+        dir,
+        &journal_path,
+        config.engine.max_tracked_transactions,
+    )
+    .context("recovering the state from the data directory")?;
+    journal.set_snapshot_seq(report.snapshot_seq);
+    info!(
+        snapshot_seq = report.snapshot_seq,
+        anomaly_restored = report.anomaly_restored,
+        decisions = report.decisions_replayed,
+        feedback = report.feedback_replayed,
+        transactions = report.transactions_restored,
+        feature_mismatches = report.feature_mismatches,
+        took = ?report.took,
+        "state recovered"
+    );
+    if report.snapshot_seq > 0 && !report.anomaly_restored {
+        warn!("the snapshot was made with another model: its anomaly masses were not used");
+    }
+    if report.feature_mismatches > 0 {
+        warn!(
+            count = report.feature_mismatches,
+            "replayed decisions whose features differ from the journal's"
+        );
+    }
+    Ok(Node::new(engine, Some(journal), config.durability))
+}
+
+/// Copies the engine (under its sequencer), waits for the journal to commit what came
+/// before, and writes the snapshot file; all off the request path.
+async fn write_snapshot(node: &Arc<Node>, dir: &Path) -> anyhow::Result<()> {
+    let engine = Arc::clone(node.engine());
+    let started = std::time::Instant::now();
+    let image = tokio::task::spawn_blocking(move || engine.image())
+        .await
+        .context("copying the state for a snapshot")?;
+    let copied = started.elapsed();
+    if let Some(journal) = node.journal() {
+        journal.flush().await?;
+    }
+    let seq = image.seq;
+    let dir = dir.to_owned();
+    let path = tokio::task::spawn_blocking(move || snapshot::write(&dir, &image))
+        .await
+        .context("writing a snapshot")??;
+    if let Some(journal) = node.journal() {
+        journal.set_snapshot_seq(seq);
+    }
+    info!(path = %path.display(), seq, pause = ?copied, took = ?started.elapsed(), "snapshot written");
+    Ok(())
+}
+
+async fn snapshot_periodically(node: Arc<Node>, dir: PathBuf, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = write_snapshot(&node, &dir).await {
+            warn!(error = %format!("{e:#}"), "snapshot failed; the journal still holds everything");
+        }
+    }
 }
 
 /// Sets the health of the whole server and of the scorer together.

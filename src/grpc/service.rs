@@ -1,4 +1,5 @@
-//! `fraudgate.v1.FraudScorer`: parse, call the engine, convert the answer. No logic of its own.
+//! `fraudgate.v1.FraudScorer`: parse, call the node (engine + journal), convert the answer.
+//! No logic of its own.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -9,31 +10,33 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::parse::{self, FieldError, ParseLimits};
 use crate::domain::{Decision, Label, ScoreOutcome};
-use crate::engine::{Engine, Traced};
+use crate::engine::Traced;
 use crate::features::FEATURES;
+use crate::node::{Node, NodeError};
 use crate::proto::{self, fraud_scorer_server::FraudScorer};
-use crate::state::txstore::{Conflict, NotFound};
 
-/// The service. The engine is set once the model is loaded; until then every call gets
-/// UNAVAILABLE (and health says NOT_SERVING). Cloned per connection by tonic: clones share
-/// the engine.
+/// The service. The node is set once the model is loaded and the state recovered; until
+/// then every call gets UNAVAILABLE (and health says NOT_SERVING). Cloned per connection by
+/// tonic: clones share the node.
 #[derive(Debug, Clone)]
 pub struct ScorerService {
-    engine: Arc<OnceLock<Arc<Engine>>>,
+    node: Arc<OnceLock<Arc<Node>>>,
     max_future_skew: Option<Duration>,
 }
 
 impl ScorerService {
-    pub fn new(engine: Arc<OnceLock<Arc<Engine>>>, max_future_skew: Option<Duration>) -> Self {
+    pub fn new(node: Arc<OnceLock<Arc<Node>>>, max_future_skew: Option<Duration>) -> Self {
         ScorerService {
-            engine,
+            node,
             max_future_skew,
         }
     }
 
-    fn engine(&self) -> Result<&Arc<Engine>, Status> {
-        self.engine.get().ok_or_else(|| {
-            Status::unavailable("fraudgate is starting: the model is not loaded yet")
+    fn node(&self) -> Result<&Arc<Node>, Status> {
+        self.node.get().ok_or_else(|| {
+            Status::unavailable(
+                "fraudgate is starting: the model is loading or the state is being recovered",
+            )
         })
     }
 
@@ -50,10 +53,18 @@ impl ScorerService {
     }
 }
 
-fn conflict(id: &str) -> Status {
-    Status::already_exists(format!(
-        "transaction.transaction_id: {id:?} was already scored with a different payload"
-    ))
+/// The gRPC status for a refused request about transaction `id`.
+fn status(id: &str, e: NodeError) -> Status {
+    match e {
+        NodeError::Conflict => Status::already_exists(format!(
+            "transaction.transaction_id: {id:?} was already scored with a different payload"
+        )),
+        NodeError::NotFound => Status::not_found(format!(
+            "transaction_id: {id:?} was not scored here or is too old to be remembered"
+        )),
+        NodeError::JournalFull => Status::resource_exhausted(e.to_string()),
+        NodeError::Journal(_) => Status::unavailable(e.to_string()),
+    }
 }
 
 /// Converts the engine's answer to the wire type.
@@ -90,10 +101,10 @@ pub fn to_proto(transaction_id: String, outcome: &ScoreOutcome) -> proto::ScoreR
 /// The response for a traced score, with the features when `explain` was asked for.
 fn respond(transaction_id: String, traced: Traced, explain: bool) -> proto::ScoreResponse {
     let mut resp = to_proto(transaction_id, &traced.outcome);
-    if let (true, Some((features, prediction))) = (explain, traced.detail) {
+    if let (true, Some(detail)) = (explain, traced.detail) {
         resp.features = FEATURES
             .iter()
-            .zip(features.iter().zip(prediction.contributions.iter()))
+            .zip(detail.features.iter().zip(detail.prediction.contributions.iter()))
             .map(|(spec, (&value, &contribution))| proto::FeatureValue {
                 name: spec.name.to_owned(),
                 value,
@@ -105,8 +116,8 @@ fn respond(transaction_id: String, traced: Traced, explain: bool) -> proto::Scor
 }
 
 /// One ScoreStream item: a response, or a response carrying the item's error.
-fn score_item(
-    engine: &Engine,
+async fn score_item(
+    node: &Node,
     req: proto::ScoreRequest,
     limits: &ParseLimits,
 ) -> proto::ScoreResponse {
@@ -124,19 +135,25 @@ fn score_item(
         }),
         ..Default::default()
     };
-    let explain = req.explain;
-    match parse::transaction(req, limits) {
+    let tx = match parse::transaction(&req, limits) {
+        Ok(tx) => tx,
         Err(FieldError { field, message }) => {
-            error("INVALID_ARGUMENT", field, format!("{field}: {message}"))
+            return error("INVALID_ARGUMENT", field, format!("{field}: {message}"))
         }
-        Ok(tx) => match engine.score_traced(&tx) {
-            Ok(traced) => respond(tx.id, traced, explain),
-            Err(Conflict) => error(
-                "ALREADY_EXISTS",
-                "transaction.transaction_id",
-                conflict(&tx.id).message().to_owned(),
-            ),
-        },
+    };
+    let explain = req.explain;
+    let raw = req.transaction.unwrap_or_default();
+    match node.score(&tx, raw).await {
+        Ok(traced) => respond(tx.id, traced, explain),
+        Err(e) => {
+            let (code, field) = match e {
+                NodeError::Conflict => ("ALREADY_EXISTS", "transaction.transaction_id"),
+                NodeError::NotFound => ("NOT_FOUND", ""),
+                NodeError::JournalFull => ("RESOURCE_EXHAUSTED", ""),
+                NodeError::Journal(_) => ("UNAVAILABLE", ""),
+            };
+            error(code, field, status(&tx.id, e).message().to_owned())
+        }
     }
 }
 
@@ -148,13 +165,12 @@ impl FraudScorer for ScorerService {
         &self,
         request: Request<proto::ScoreRequest>,
     ) -> Result<Response<proto::ScoreResponse>, Status> {
-        let engine = self.engine()?;
+        let node = self.node()?;
         let req = request.into_inner();
+        let tx = parse::transaction(&req, &self.limits())?;
         let explain = req.explain;
-        let tx = parse::transaction(req, &self.limits())?;
-        let traced = engine
-            .score_traced(&tx)
-            .map_err(|Conflict| conflict(&tx.id))?;
+        let raw = req.transaction.unwrap_or_default();
+        let traced = node.score(&tx, raw).await.map_err(|e| status(&tx.id, e))?;
         Ok(Response::new(respond(tx.id, traced, explain)))
     }
 
@@ -164,13 +180,20 @@ impl FraudScorer for ScorerService {
         &self,
         request: Request<Streaming<proto::ScoreRequest>>,
     ) -> Result<Response<Self::ScoreStreamStream>, Status> {
-        let engine = Arc::clone(self.engine()?);
+        let node = Arc::clone(self.node()?);
         let service = self.clone();
         // Each request is scored as soon as it arrives and answered in order; nothing is
         // buffered waiting for later requests.
-        let responses = request
-            .into_inner()
-            .map(move |item| item.map(|req| score_item(&engine, req, &service.limits())));
+        let responses = request.into_inner().then(move |item| {
+            let node = Arc::clone(&node);
+            let limits = service.limits();
+            async move {
+                match item {
+                    Ok(req) => Ok(score_item(&node, req, &limits).await),
+                    Err(status) => Err(status),
+                }
+            }
+        });
         Ok(Response::new(Box::pin(responses)))
     }
 
@@ -178,18 +201,17 @@ impl FraudScorer for ScorerService {
         &self,
         request: Request<proto::ReportFeedbackRequest>,
     ) -> Result<Response<proto::ReportFeedbackResponse>, Status> {
-        let engine = self.engine()?;
-        let fb = parse::feedback(request.into_inner())?;
-        let outcome = engine.feedback(&fb).map_err(|NotFound| {
-            Status::not_found(format!(
-                "transaction_id: {:?} was not scored here or is too old to be remembered",
-                fb.transaction_id
-            ))
-        })?;
+        let node = self.node()?;
+        let raw = request.into_inner();
+        let fb = parse::feedback(&raw)?;
+        let applied = node
+            .feedback(&fb, raw)
+            .await
+            .map_err(|e| status(&fb.transaction_id, e))?;
         Ok(Response::new(proto::ReportFeedbackResponse {
             transaction_id: fb.transaction_id,
-            applied: outcome.applied,
-            previous_label: match outcome.previous {
+            applied: applied.outcome.applied,
+            previous_label: match applied.outcome.previous {
                 None => proto::Label::Unspecified,
                 Some(Label::Fraud) => proto::Label::Fraud,
                 Some(Label::Legitimate) => proto::Label::Legitimate,

@@ -160,6 +160,18 @@ impl HalfSpaceTrees {
         Ok(hst)
     }
 
+    /// Replaces the masses with `mass`, if it has this forest's shape.
+    pub fn restore(&self, mass: HstMass) -> anyhow::Result<()> {
+        let nodes = self.params.n_trees * self.nodes();
+        anyhow::ensure!(
+            mass.reference.len() == nodes && mass.latest.len() == nodes,
+            "anomaly model masses have {} nodes, the parameters need {nodes}",
+            mass.reference.len()
+        );
+        *self.mass.lock() = mass;
+        Ok(())
+    }
+
     pub fn params(&self) -> HstParams {
         self.params
     }

@@ -309,7 +309,18 @@ impl Model {
 
     /// Scores `x` with both models (the anomaly model learns `x` as it goes).
     pub fn predict(&self, x: &FeatureVector) -> Prediction {
-        let anomaly_mass = self.anomaly.score_and_learn(x);
+        let mass = self.score_and_learn_anomaly(x);
+        self.classify(x, mass)
+    }
+
+    /// The anomaly model's step: the mass score of `x`, then learns `x`. The only part of a
+    /// prediction that changes the model, so the engine runs it in sequence order.
+    pub fn score_and_learn_anomaly(&self, x: &FeatureVector) -> f64 {
+        self.anomaly.score_and_learn(x)
+    }
+
+    /// The rest of a prediction, given the anomaly mass of `x`: read-only.
+    pub fn classify(&self, x: &FeatureVector, anomaly_mass: f64) -> Prediction {
         let anomaly = Model::anomaly_of_mass(&self.meta.anomaly.mass_quantiles, anomaly_mass);
         let mut contributions = [0.0; N_FEATURES];
         let (classifier, score) = match &self.classifier {
@@ -328,6 +339,11 @@ impl Model {
             score,
             contributions,
         }
+    }
+
+    /// Replaces the anomaly model's masses (a snapshot's), if they fit its shape.
+    pub fn restore_anomaly_mass(&self, mass: HstMass) -> anyhow::Result<()> {
+        self.anomaly.restore(mass)
     }
 }
 

@@ -18,7 +18,7 @@ pub struct EntityView {
 }
 
 /// A merchant, device or IP address: windows only.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EntityState {
     pub windows: Windows,
 }
@@ -60,7 +60,7 @@ pub const RECENT_MERCHANTS: usize = 3;
 const BLOOM_EPOCH_SECS: i64 = EXPIRY_SECS;
 
 /// An account (card or customer).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AccountState {
     pub windows: Windows,
     /// Bloom filters of the merchants paid in the current and previous epoch.

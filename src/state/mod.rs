@@ -67,6 +67,16 @@ pub struct EntityCounts {
     pub ips: usize,
 }
 
+/// A copy of every entity's state, for a snapshot file.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StateImage {
+    pub watermark: i64,
+    pub accounts: Vec<(EntityKey, AccountState)>,
+    pub merchants: Vec<(EntityKey, EntityState)>,
+    pub devices: Vec<(EntityKey, EntityState)>,
+    pub ips: Vec<(EntityKey, EntityState)>,
+}
+
 /// The per-entity windows of every account, merchant, device and IP address.
 #[derive(Debug, Default)]
 pub struct State {
@@ -104,6 +114,36 @@ impl State {
             device,
             ip,
         }
+    }
+
+    /// A copy of everything, for a snapshot. Consistent only if nothing mutates the state
+    /// meanwhile (the engine holds its sequencer).
+    pub fn image(&self) -> StateImage {
+        fn copy<V: Clone>(map: &Map<V>) -> Vec<(EntityKey, V)> {
+            map.iter().map(|e| (*e.key(), (**e.value()).clone())).collect()
+        }
+        StateImage {
+            watermark: self.watermark.load(Ordering::Relaxed),
+            accounts: copy(&self.accounts),
+            merchants: copy(&self.merchants),
+            devices: copy(&self.devices),
+            ips: copy(&self.ips),
+        }
+    }
+
+    /// Replaces everything with `image`.
+    pub fn restore(&self, image: StateImage) {
+        fn fill<V>(map: &Map<V>, entries: Vec<(EntityKey, V)>) {
+            map.clear();
+            for (k, v) in entries {
+                map.insert(k, Box::new(v));
+            }
+        }
+        self.watermark.store(image.watermark, Ordering::Relaxed);
+        fill(&self.accounts, image.accounts);
+        fill(&self.merchants, image.merchants);
+        fill(&self.devices, image.devices);
+        fill(&self.ips, image.ips);
     }
 
     /// Adds `delta` (+1 fraud, -1 correction) to the fraud counts of every entity of a past

@@ -103,6 +103,25 @@ impl TxStore {
         Ok((scored, false))
     }
 
+    /// Puts back a transaction journaled before a restart, as the newest (start-up only).
+    pub fn restore(&self, key: TxKey, record: TxRecord) {
+        if self.map.insert(key, record).is_some() {
+            return;
+        }
+        let evicted = {
+            let mut order = self.order.lock();
+            order.push_back(key);
+            if order.len() > self.capacity {
+                order.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some(old) = evicted {
+            self.map.remove(&old);
+        }
+    }
+
     /// Sets the label of `key`; when it changes, calls `on_change` with the transaction's
     /// facts and the change in its fraud count (+1, -1 or 0) under the entry's lock, so
     /// concurrent feedback on one transaction is applied in one order.

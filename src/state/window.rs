@@ -79,7 +79,7 @@ impl Agg {
 /// The four bucketed windows of one entity: 176 bytes, fixed.
 ///
 /// Owned by the entity's entry in a state map; mutated only under that entry's lock.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Windows {
     /// Newest event time added, or `i64::MIN` before the first.
     head: EventTime,

@@ -1,0 +1,45 @@
+-- fraudgate journal, schema version 1. Times: *_ms are milliseconds since the Unix epoch
+-- (wall clock); event_time is the transaction's own time. seq is the engine's sequence
+-- number, shared by both tables: ordering by it replays history exactly.
+
+CREATE TABLE IF NOT EXISTS decisions (
+    seq              INTEGER PRIMARY KEY,
+    transaction_id   TEXT    NOT NULL,
+    account_id       TEXT    NOT NULL,
+    merchant_id      TEXT    NOT NULL,
+    amount_minor     INTEGER NOT NULL,
+    currency         TEXT    NOT NULL,
+    event_time       TEXT    NOT NULL, -- RFC 3339, UTC
+    event_seconds    INTEGER NOT NULL,
+    event_nanos      INTEGER NOT NULL,
+    channel          TEXT    NOT NULL, -- CHANNEL_* name from the proto
+    merchant_category_code TEXT NOT NULL, -- '' when not given (likewise below)
+    country          TEXT    NOT NULL,
+    device_id        TEXT    NOT NULL,
+    ip_address       TEXT    NOT NULL,
+    decision         TEXT    NOT NULL, -- ALLOW, REVIEW, DENY
+    score            REAL    NOT NULL,
+    anomaly_score    REAL    NOT NULL,
+    classifier_score REAL    NOT NULL,
+    reasons          TEXT    NOT NULL, -- JSON array of {code, feature, value, contribution, text}
+    features         TEXT    NOT NULL, -- JSON object, feature name -> value, as scored
+    model_version    TEXT    NOT NULL,
+    scored_at_ms     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_transaction ON decisions (transaction_id);
+CREATE INDEX IF NOT EXISTS decisions_scored_at ON decisions (scored_at_ms);
+
+CREATE TABLE IF NOT EXISTS feedback (
+    seq              INTEGER PRIMARY KEY,
+    transaction_id   TEXT    NOT NULL,
+    label            TEXT    NOT NULL, -- FRAUD, LEGITIMATE
+    source           TEXT    NOT NULL, -- FEEDBACK_SOURCE_* name from the proto
+    action_taken     TEXT    NOT NULL, -- CLIENT_ACTION_* name from the proto
+    reported_at_ms   INTEGER,          -- when the client says it learned it, if given
+    received_at_ms   INTEGER NOT NULL,
+    applied          INTEGER NOT NULL, -- 0 when the transaction already had this label
+    previous_label   TEXT,             -- FRAUD, LEGITIMATE or NULL
+    fraud_delta      INTEGER NOT NULL  -- change to the fraud counts: 1, -1 or 0
+);
+CREATE INDEX IF NOT EXISTS feedback_transaction ON feedback (transaction_id);
+CREATE INDEX IF NOT EXISTS feedback_received_at ON feedback (received_at_ms);

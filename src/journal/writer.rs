@@ -1,0 +1,259 @@
+//! The journal's writer thread: drains the queue, commits in groups, prunes by retention.
+//! It owns the only write connection; nothing else writes the file.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use rusqlite::{params, Connection, Transaction};
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use super::{DecisionEntry, Entry, FeedbackEntry, Job, Shared};
+use crate::domain::{Decision, Label};
+use crate::features::FEATURES;
+use crate::proto;
+
+/// Most entries in one commit: bounds the time a waiting caller can be held by others.
+const MAX_BATCH: usize = 4_096;
+/// Rows deleted per pruning statement, so pruning never holds the file for long.
+const PRUNE_BATCH: i64 = 5_000;
+/// How often retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+pub const SCHEMA: &str = include_str!("schema.sql");
+
+/// Opens the journal file for writing: WAL mode (readers such as `sqlite3` never block the
+/// writer), `synchronous = FULL` (a commit is on disk when it returns), schema created.
+pub fn open(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path)
+        .with_context(|| format!("opening the journal {}", path.display()))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .context("setting the journal to WAL mode")?;
+    anyhow::ensure!(
+        mode.eq_ignore_ascii_case("wal"),
+        "the journal {} refused WAL mode (got {mode})",
+        path.display()
+    );
+    conn.pragma_update(None, "synchronous", "FULL")
+        .context("setting synchronous = FULL")?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .context("setting the busy timeout")?;
+    conn.execute_batch(SCHEMA)
+        .with_context(|| format!("creating the journal schema in {}", path.display()))?;
+    Ok(conn)
+}
+
+pub fn run(
+    mut conn: Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    retention: Option<Duration>,
+) {
+    let mut last_prune = Instant::now();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let result = commit(&mut conn, &batch).map_err(|e| format!("{e:#}"));
+        if let Err(e) = &result {
+            error!(error = %e, entries = batch.len(), "journal commit failed");
+        }
+        for job in batch.drain(..) {
+            let done = match job {
+                Job::Write { done, .. } => done,
+                Job::Flush(done) => Some(done),
+            };
+            if let Some(done) = done {
+                let _ = done.send(result.clone());
+            }
+        }
+        if let Some(keep) = retention {
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = Instant::now();
+                let upto = shared.snapshot_seq.load(Ordering::Relaxed);
+                match prune(&conn, keep, upto) {
+                    Ok(0) => {}
+                    Ok(n) => info!(rows = n, "journal retention deleted old rows"),
+                    Err(e) => error!(error = %format!("{e:#}"), "journal retention failed"),
+                }
+            }
+        }
+    }
+    // The queue is closed: everything is committed. Fold the WAL back into the main file so
+    // the journal is one self-contained file at rest.
+    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        error!(error = %e, "journal checkpoint at close failed");
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &[Job]) -> anyhow::Result<()> {
+    let tx = conn.transaction().context("beginning a journal transaction")?;
+    for job in batch {
+        match job {
+            Job::Write {
+                entry: Entry::Decision(d),
+                ..
+            } => insert_decision(&tx, d)?,
+            Job::Write {
+                entry: Entry::Feedback(f),
+                ..
+            } => insert_feedback(&tx, f)?,
+            Job::Flush(_) => {}
+        }
+    }
+    tx.commit().context("committing to the journal")
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn decision_name(d: Decision) -> &'static str {
+    match d {
+        Decision::Allow => "ALLOW",
+        Decision::Review => "REVIEW",
+        Decision::Deny => "DENY",
+    }
+}
+
+pub fn label_name(l: Label) -> &'static str {
+    match l {
+        Label::Fraud => "FRAUD",
+        Label::Legitimate => "LEGITIMATE",
+    }
+}
+
+fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
+    let t = &d.transaction;
+    let (seconds, nanos) = t
+        .event_time
+        .as_ref()
+        .map_or((0, 0), |ts| (ts.seconds, ts.nanos));
+    let event_time = chrono::DateTime::from_timestamp(seconds, nanos as u32)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_default();
+    let channel = proto::Channel::try_from(t.channel)
+        .map_or("CHANNEL_UNSPECIFIED", |c| c.as_str_name());
+    let s = &d.scored;
+    let reasons = serde_json::Value::Array(
+        s.reasons
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "code": r.code,
+                    "feature": r.feature,
+                    "value": r.value,
+                    "contribution": r.contribution,
+                    "text": r.text,
+                })
+            })
+            .collect(),
+    );
+    let features: serde_json::Map<String, serde_json::Value> = FEATURES
+        .iter()
+        .zip(d.features.iter())
+        .map(|(spec, &v)| (spec.name.to_owned(), serde_json::Value::from(v)))
+        .collect();
+    tx.prepare_cached(
+        "INSERT INTO decisions (seq, transaction_id, account_id, merchant_id, amount_minor, \
+         currency, event_time, event_seconds, event_nanos, channel, merchant_category_code, \
+         country, device_id, ip_address, decision, score, anomaly_score, classifier_score, \
+         reasons, features, model_version, scored_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+         ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
+    )?
+    .execute(params![
+        d.seq as i64,
+        t.transaction_id,
+        t.account_id,
+        t.merchant_id,
+        t.amount_minor,
+        t.currency,
+        event_time,
+        seconds,
+        nanos,
+        channel,
+        t.merchant_category_code,
+        t.country,
+        t.device_id,
+        t.ip_address,
+        decision_name(s.decision),
+        s.score,
+        s.anomaly_score,
+        s.classifier_score,
+        reasons.to_string(),
+        serde_json::Value::Object(features).to_string(),
+        &*s.model_version,
+        d.scored_at_ms,
+    ])
+    .with_context(|| format!("journaling decision {}", d.seq))?;
+    Ok(())
+}
+
+fn insert_feedback(tx: &Transaction, f: &FeedbackEntry) -> anyhow::Result<()> {
+    let r = &f.request;
+    let label = match proto::Label::try_from(r.label) {
+        Ok(proto::Label::Fraud) => "FRAUD",
+        Ok(proto::Label::Legitimate) => "LEGITIMATE",
+        _ => "UNSPECIFIED",
+    };
+    let source = proto::FeedbackSource::try_from(r.source)
+        .map_or("FEEDBACK_SOURCE_UNSPECIFIED", |s| s.as_str_name());
+    let action = proto::ClientAction::try_from(r.action_taken)
+        .map_or("CLIENT_ACTION_UNSPECIFIED", |a| a.as_str_name());
+    let reported_at_ms = r
+        .reported_at
+        .as_ref()
+        .map(|ts| ts.seconds.saturating_mul(1000) + i64::from(ts.nanos / 1_000_000));
+    tx.prepare_cached(
+        "INSERT INTO feedback (seq, transaction_id, label, source, action_taken, \
+         reported_at_ms, received_at_ms, applied, previous_label, fraud_delta) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        f.seq as i64,
+        r.transaction_id,
+        label,
+        source,
+        action,
+        reported_at_ms,
+        f.received_at_ms,
+        f.applied,
+        f.previous.map(label_name),
+        f.fraud_delta,
+    ])
+    .with_context(|| format!("journaling feedback {}", f.seq))?;
+    Ok(())
+}
+
+/// Deletes rows older than `keep` whose sequence number a snapshot covers, a bounded number
+/// per call. Returns how many went.
+fn prune(conn: &Connection, keep: Duration, upto_seq: u64) -> anyhow::Result<usize> {
+    let cutoff = now_ms() - keep.as_millis() as i64;
+    let mut deleted = 0;
+    for (table, time) in [
+        ("decisions", "scored_at_ms"),
+        ("feedback", "received_at_ms"),
+    ] {
+        deleted += conn
+            .execute(
+                &format!(
+                    "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} \
+                     WHERE {time} < ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3)"
+                ),
+                params![cutoff, upto_seq as i64, PRUNE_BATCH],
+            )
+            .with_context(|| format!("pruning {table}"))?;
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,137 @@
+//! A running fraudgate: the engine and, beside it, the journal. Every door (gRPC today, a
+//! stream consumer later) scores and takes feedback through here, so all of them journal
+//! the same way and honour the same durability setting.
+//!
+//! Shared as `Arc<Node>`. The order per request: reserve a place in the journal's queue
+//! (refused before anything changes if the disk is behind), run the engine (synchronous,
+//! no awaits), queue the entry, and await its commit only when the contract requires it.
+
+use std::sync::Arc;
+
+use crate::domain::{Feedback, Transaction};
+use crate::engine::{Engine, FeedbackApplied, Traced};
+use crate::journal::{
+    DecisionEntry, Durability, Entry, FeedbackEntry, Journal, JournalFull, Permit,
+};
+use crate::proto;
+use crate::state::txstore::{Conflict, NotFound};
+
+/// Why a request was not served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("transaction id was already scored with a different payload")]
+    Conflict,
+    #[error("transaction was not scored here or is too old to be remembered")]
+    NotFound,
+    #[error("the journal's queue is full: the disk is not keeping up; retry later")]
+    JournalFull,
+    #[error("the journal could not commit: {0}")]
+    Journal(String),
+}
+
+impl From<JournalFull> for NodeError {
+    fn from(_: JournalFull) -> Self {
+        NodeError::JournalFull
+    }
+}
+
+/// The engine plus its journal (none when the server keeps no data directory).
+#[derive(Debug)]
+pub struct Node {
+    engine: Arc<Engine>,
+    journal: Option<Journal>,
+    durability: Durability,
+}
+
+impl Node {
+    pub fn new(engine: Arc<Engine>, journal: Option<Journal>, durability: Durability) -> Node {
+        Node {
+            engine,
+            journal,
+            durability,
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    /// Gives up the node for its journal (at shutdown, to close it).
+    pub fn into_journal(self) -> Option<Journal> {
+        self.journal
+    }
+
+    fn reserve(&self) -> Result<Option<Permit<'_>>, NodeError> {
+        Ok(match &self.journal {
+            Some(j) => Some(j.reserve()?),
+            None => None,
+        })
+    }
+
+    /// Scores `tx` (`raw` is the transaction as the client sent it, for the journal). A
+    /// stored answer to a retry is not journaled again.
+    pub async fn score(
+        &self,
+        tx: &Transaction,
+        raw: proto::Transaction,
+    ) -> Result<Traced, NodeError> {
+        let permit = self.reserve()?;
+        let traced = self
+            .engine
+            .score_traced(tx)
+            .map_err(|Conflict| NodeError::Conflict)?;
+        if let (Some(permit), Some(detail)) = (permit, &traced.detail) {
+            let entry = Entry::Decision(Box::new(DecisionEntry {
+                seq: detail.seq,
+                transaction: raw,
+                features: detail.features,
+                scored: Arc::clone(&traced.outcome.scored),
+                scored_at_ms: crate::journal::now_ms(),
+            }));
+            let wait = permit.write(entry, self.durability == Durability::Sync);
+            if let Some(done) = wait {
+                committed(done).await?;
+            }
+        }
+        Ok(traced)
+    }
+
+    /// Applies feedback; with a journal, answers only once it is committed.
+    pub async fn feedback(
+        &self,
+        fb: &Feedback,
+        raw: proto::ReportFeedbackRequest,
+    ) -> Result<FeedbackApplied, NodeError> {
+        let permit = self.reserve()?;
+        let applied = self
+            .engine
+            .feedback(fb)
+            .map_err(|NotFound| NodeError::NotFound)?;
+        if let Some(permit) = permit {
+            let entry = Entry::Feedback(Box::new(FeedbackEntry {
+                seq: applied.seq,
+                request: raw,
+                applied: applied.outcome.applied,
+                previous: applied.outcome.previous,
+                fraud_delta: applied.fraud_delta,
+                received_at_ms: crate::journal::now_ms(),
+            }));
+            if let Some(done) = permit.write(entry, true) {
+                committed(done).await?;
+            }
+        }
+        Ok(applied)
+    }
+}
+
+async fn committed(
+    done: tokio::sync::oneshot::Receiver<crate::journal::Committed>,
+) -> Result<(), NodeError> {
+    done.await
+        .map_err(|_| NodeError::Journal("the journal writer stopped".into()))?
+        .map_err(NodeError::Journal)
+}
