@@ -227,12 +227,7 @@ impl Engine {
 
     /// Puts a journaled transaction back into the store of recent ones (start-up only), so
     /// retries get their stored answer and feedback finds it.
-    pub fn restore_transaction(
-        &self,
-        tx: &Transaction,
-        scored: Arc<Scored>,
-        label: Option<Label>,
-    ) {
+    pub fn restore_transaction(&self, tx: &Transaction, scored: Arc<Scored>, label: Option<Label>) {
         self.txs.restore(
             tx.key,
             TxRecord {

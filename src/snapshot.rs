@@ -87,7 +87,9 @@ pub fn latest(dir: &Path) -> anyhow::Result<Option<(PathBuf, EngineImage)>> {
     for path in list(dir)? {
         match read(&path) {
             Ok(image) => return Ok(Some((path, image))),
-            Err(e) => warn!(path = %path.display(), error = %format!("{e:#}"), "skipping an unreadable snapshot"),
+            Err(e) => {
+                warn!(path = %path.display(), error = %format!("{e:#}"), "skipping an unreadable snapshot")
+            }
         }
     }
     Ok(None)

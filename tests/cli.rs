@@ -3,80 +3,21 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use fraudgate::model::Model;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fraudgate");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("fraudgate did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-async fn wait_serving(port: u16) {
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..400 {
-        if let Ok(channel) = tonic::transport::Channel::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            if let Ok(r) = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-            {
-                if r.into_inner().status == 1 {
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("fraudgate on port {port} never became SERVING");
-}
+use common::process::{free_port, ServerProcess, BIN};
 
 async fn shuts_down_cleanly_on(signal: &str) {
-    let port = free_port();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_serving(port).await;
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = wait_exit(&mut child, Duration::from_secs(20));
-    let mut log = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    let mut server = ServerProcess::start(&["--ephemeral"]).await;
+    server.signal(signal);
+    let (status, log) = server.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "exit {status}: {log}");
     assert!(log.contains("stopped"), "{log}");
     assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        std::net::TcpStream::connect(("127.0.0.1", server.port)).is_err(),
         "the port is released"
     );
 }
@@ -100,7 +41,12 @@ fn serve_refuses_a_model_with_other_features() {
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replacen("\"amount_log\"", "\"amount_raw\"", 1)).unwrap();
     let out = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args([
+            "serve",
+            "--ephemeral",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
         .arg("--model")
         .arg(dir.path())
         .output()
@@ -116,7 +62,12 @@ fn serve_refuses_a_broken_policy() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, "[thresholds]\nreview = 0.9\ndeny = 0.5\n").unwrap();
     let out = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args([
+            "serve",
+            "--ephemeral",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
         .arg("--policy")
         .arg(&policy)
         .output()

@@ -23,11 +23,11 @@ use super::parse;
 use super::service::ScorerService;
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::{recover, Durability, Journal, JournalConfig, JOURNAL_FILE};
-use crate::node::Node;
-use crate::snapshot;
 use crate::model::Model;
+use crate::node::Node;
 use crate::policy::{Policy, PolicyFile};
 use crate::proto::{self, fraud_scorer_server::FraudScorerServer};
+use crate::snapshot;
 
 /// Largest request accepted, in bytes; a transaction is a few hundred.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;

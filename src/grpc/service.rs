@@ -104,7 +104,12 @@ fn respond(transaction_id: String, traced: Traced, explain: bool) -> proto::Scor
     if let (true, Some(detail)) = (explain, traced.detail) {
         resp.features = FEATURES
             .iter()
-            .zip(detail.features.iter().zip(detail.prediction.contributions.iter()))
+            .zip(
+                detail
+                    .features
+                    .iter()
+                    .zip(detail.prediction.contributions.iter()),
+            )
             .map(|(spec, (&value, &contribution))| proto::FeatureValue {
                 name: spec.name.to_owned(),
                 value,

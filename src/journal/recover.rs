@@ -108,7 +108,11 @@ fn replay(engine: &Engine, conn: &Connection, report: &mut Recovery) -> anyhow::
             Change::Decision(decision) => {
                 let (tx, features) = *decision;
                 let now = engine.replay_decision(seq, &tx, &features);
-                if now.iter().zip(&features).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                if now
+                    .iter()
+                    .zip(&features)
+                    .any(|(a, b)| a.to_bits() != b.to_bits())
+                {
                     report.feature_mismatches += 1;
                 }
                 report.decisions_replayed += 1;

@@ -96,7 +96,9 @@ pub fn run(
 }
 
 fn commit(conn: &mut Connection, batch: &[Job]) -> anyhow::Result<()> {
-    let tx = conn.transaction().context("beginning a journal transaction")?;
+    let tx = conn
+        .transaction()
+        .context("beginning a journal transaction")?;
     for job in batch {
         match job {
             Job::Write {
@@ -143,8 +145,8 @@ fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
     let event_time = chrono::DateTime::from_timestamp(seconds, nanos as u32)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
         .unwrap_or_default();
-    let channel = proto::Channel::try_from(t.channel)
-        .map_or("CHANNEL_UNSPECIFIED", |c| c.as_str_name());
+    let channel =
+        proto::Channel::try_from(t.channel).map_or("CHANNEL_UNSPECIFIED", |c| c.as_str_name());
     let s = &d.scored;
     let reasons = serde_json::Value::Array(
         s.reasons

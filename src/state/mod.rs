@@ -120,7 +120,9 @@ impl State {
     /// meanwhile (the engine holds its sequencer).
     pub fn image(&self) -> StateImage {
         fn copy<V: Clone>(map: &Map<V>) -> Vec<(EntityKey, V)> {
-            map.iter().map(|e| (*e.key(), (**e.value()).clone())).collect()
+            map.iter()
+                .map(|e| (*e.key(), (**e.value()).clone()))
+                .collect()
         }
         StateImage {
             watermark: self.watermark.load(Ordering::Relaxed),

@@ -1,6 +1,8 @@
 //! Starts the real server on a free loopback port, in process, and connects clients to it.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
