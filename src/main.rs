@@ -76,6 +76,10 @@ struct ServeArgs {
     /// Journal rows older than this are deleted ("off" keeps everything).
     #[arg(long, value_parser = retention, default_value = "90d")]
     journal_retention: Retention,
+    /// Calls one connection may have in progress; beyond it calls are refused at once with
+    /// RESOURCE_EXHAUSTED rather than queued.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight_per_connection: usize,
     /// Transactions remembered for idempotent retries and feedback.
     #[arg(long, default_value_t = 1_000_000)]
     max_tracked_transactions: usize,
@@ -194,6 +198,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         max_future_skew: args.max_future_skew,
         shutdown_grace: args.shutdown_grace,
+        max_in_flight_per_connection: args.max_in_flight_per_connection,
         ..ServeConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -61,6 +61,9 @@ pub struct ServeConfig {
     pub journal_retention: Option<Duration>,
     /// Journal entries that may wait for the disk before requests are refused.
     pub journal_queue: usize,
+    /// Calls one connection may have in progress (queued for a CPU included); beyond it a
+    /// call is refused at once with RESOURCE_EXHAUSTED instead of queueing.
+    pub max_in_flight_per_connection: usize,
 }
 
 impl Default for ServeConfig {
@@ -77,6 +80,7 @@ impl Default for ServeConfig {
             snapshot_every: Duration::from_secs(300),
             journal_retention: Some(Duration::from_secs(90 * 86_400)),
             journal_queue: 65_536,
+            max_in_flight_per_connection: 256,
         }
     }
 }
@@ -143,6 +147,11 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         Server::builder()
+            // Counted from the moment a call arrives, so calls waiting for a CPU count too:
+            // under overload the excess is refused at once and the rest keep a bounded
+            // latency. Per connection, so health probes (their own connection) still answer.
+            .concurrency_limit_per_connection(config.max_in_flight_per_connection.max(1))
+            .load_shed(true)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
