@@ -39,7 +39,11 @@ async fn a_burst_beyond_the_bound_is_shed_and_the_server_recovers() {
             }
         }
     }
-    assert!(shed > 0, "nothing was shed: all {} calls were queued", ok.len());
+    assert!(
+        shed > 0,
+        "nothing was shed: all {} calls were queued",
+        ok.len()
+    );
     assert!(!ok.is_empty(), "everything was shed");
 
     // A refused call changed nothing: retried now, each is scored afresh (not a replay),
