@@ -324,3 +324,52 @@ async fn sigterm_drains_in_flight_calls_and_writes_a_snapshot() {
         "{log}"
     );
 }
+
+/// Every `sqlite3` command in the README, run verbatim with the real CLI against the journal
+/// of a server that has scored and taken feedback (in a directory laid out as the README's
+/// default, `fraudgate-data`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_sqlite3_commands_work_on_a_live_journal() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let commands: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("sqlite3 "))
+        .collect();
+    assert!(commands.len() >= 3, "{commands:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_in(&dir.path().join("fraudgate-data"), &[]).await;
+    let mut client = server.client().await;
+    for i in 0..20 {
+        let id = format!("q-{i}");
+        client
+            .score(req(tx(
+                &id,
+                &format!("a-{}", i % 3),
+                &format!("m-{}", i % 4),
+                900 + i,
+                i * 60,
+            )))
+            .await
+            .unwrap();
+        if i % 4 == 0 {
+            client.report_feedback(fraud(&id)).await.unwrap();
+        }
+    }
+    // Feedback is committed before it is acknowledged; decisions (async) within moments.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for cmd in commands {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir(dir.path())
+            .output()
+            .expect("sqlite3 runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !stdout.trim().is_empty(),
+            "README command failed or printed nothing: {cmd}\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

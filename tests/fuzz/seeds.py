@@ -1,5 +1,5 @@
 """Writes the fuzz corpus's seeds: a few frames of valid requests and feedback, so the
-fuzzer starts from inputs that reach the engine. Run: python3 seeds.py"""
+fuzzer starts from inputs that reach the engine. Run: python3 tests/fuzz/seeds.py"""
 import os, struct
 
 def varint(n):
@@ -36,7 +36,8 @@ def feedback(i, label):
 def frame(kind, msg):
     return bytes([kind]) + struct.pack("<H", len(msg)) + msg
 
-os.makedirs("corpus/requests", exist_ok=True)
+corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "requests")
+os.makedirs(corpus, exist_ok=True)
 seeds = {
     "one_score": frame(0, transaction(1, "a1", "m1", 1299, 1740787200)),
     "score_then_feedback": frame(0, transaction(2, "a1", "m2", 99999, 1740787260, "d1", "10.0.0.1", "DE", "5411"))
@@ -45,5 +46,5 @@ seeds = {
     + frame(2, feedback(12, 1)) + frame(2, feedback(12, 2)),
 }
 for name, data in seeds.items():
-    with open(os.path.join("corpus/requests", name), "wb") as f:
+    with open(os.path.join(corpus, name), "wb") as f:
         f.write(data)
