@@ -50,6 +50,14 @@ fn bench(c: &mut Criterion) {
         )
     });
 
+    let mut snapshots = c.benchmark_group("snapshot");
+    snapshots.sample_size(10);
+    snapshots.bench_function(
+        "Engine::image: scoring's pause for a snapshot (1e5 accounts)",
+        |b| b.iter(|| black_box(engine.image())),
+    );
+    snapshots.finish();
+
     let requests = common::requests(1_000, 1_000);
     let mut i = 0;
     c.bench_function("stage: parse + validate", |b| {

@@ -27,6 +27,33 @@ pub struct CompareConfig {
     pub merchants: usize,
     /// A `fraudgate` binary to run instead of this binary's built-in copy of the server.
     pub fraudgate_bin: Option<PathBuf>,
+    /// How fraudgate journals: as it ships (`async`), `sync`, or not at all (`off`). Each
+    /// fraudgate start gets a fresh data directory, removed afterwards.
+    pub journal: JournalMode,
+}
+
+/// fraudgate's journal setting during a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JournalMode {
+    Off,
+    Async,
+    Sync,
+}
+
+impl JournalMode {
+    fn args(self, data_dir: &std::path::Path) -> Vec<String> {
+        let dir = data_dir.display().to_string();
+        match self {
+            JournalMode::Off => vec!["--ephemeral".into()],
+            JournalMode::Async => vec!["--data-dir".into(), dir],
+            JournalMode::Sync => vec![
+                "--data-dir".into(),
+                dir,
+                "--durability".into(),
+                "sync".into(),
+            ],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,29 +81,42 @@ fn free_port() -> anyhow::Result<u16> {
 /// serving fraudgate's library on its defaults (the very call `fraudgate serve` makes, and
 /// always built from the same sources as this loadtest, where a `fraudgate` binary lying
 /// beside it could be stale).
-fn fraudgate_command(cfg: &CompareConfig, listen: &str) -> anyhow::Result<(Command, String)> {
+fn fraudgate_command(
+    cfg: &CompareConfig,
+    listen: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(Command, String)> {
+    let journal = cfg.journal.args(data_dir);
     Ok(match &cfg.fraudgate_bin {
         Some(bin) => {
             let mut c = Command::new(bin);
-            c.args(["serve", "--listen", listen]);
-            (c, format!("{} serve", bin.display()))
+            c.args(["serve", "--listen", listen]).args(&journal);
+            (c, format!("{} serve {}", bin.display(), journal.join(" ")))
         }
         None => {
             let me = std::env::current_exe().context("finding the loadtest binary")?;
             let mut c = Command::new(&me);
-            c.args(["serve-fraudgate", "--listen", listen]);
+            c.args(["serve-fraudgate", "--listen", listen])
+                .args(&journal);
             (
                 c,
-                "loadtest serve-fraudgate: fraudgate's server on its defaults".to_owned(),
+                format!(
+                    "loadtest serve-fraudgate: fraudgate's server, {}",
+                    journal.join(" ")
+                ),
             )
         }
     })
 }
 
-async fn start(target: Target, cfg: &CompareConfig) -> anyhow::Result<(Child, String)> {
+async fn start(
+    target: Target,
+    cfg: &CompareConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(Child, String)> {
     let listen = format!("127.0.0.1:{}", free_port()?);
     let (mut command, what) = match target {
-        Target::Fraudgate => fraudgate_command(cfg, &listen)?,
+        Target::Fraudgate => fraudgate_command(cfg, &listen, data_dir)?,
         Target::Ceiling => {
             let mut c = Command::new(std::env::current_exe()?);
             c.args(["ceiling-server", "--listen", &listen]);
@@ -135,7 +175,8 @@ async fn one(
     cfg: &CompareConfig,
     run_id: &str,
 ) -> anyhow::Result<Report> {
-    let (child, url) = start(target, cfg).await?;
+    let data_dir = tempfile::tempdir().context("creating a data directory for fraudgate")?;
+    let (child, url) = start(target, cfg, &data_dir.path().join("data")).await?;
     // Same traffic (same seed) for both targets; ids unique per run.
     let traffic = Arc::new(Traffic::new(
         cfg.accounts,

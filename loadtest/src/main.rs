@@ -43,6 +43,12 @@ enum Command {
     ServeFraudgate {
         #[arg(long)]
         listen: std::net::SocketAddr,
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+        #[arg(long)]
+        ephemeral: bool,
+        #[arg(long, value_enum, default_value = "async")]
+        durability: fraudgate::journal::Durability,
     },
 }
 
@@ -130,6 +136,9 @@ struct CompareArgs {
     /// loadtest.
     #[arg(long)]
     fraudgate_bin: Option<PathBuf>,
+    /// fraudgate's journal: `async` (as it ships), `sync`, or `off`.
+    #[arg(long, value_enum, default_value = "async")]
+    journal: compare::JournalMode,
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -210,19 +219,25 @@ async fn main() -> anyhow::Result<()> {
                 accounts: args.accounts,
                 merchants: args.merchants,
                 fraudgate_bin: args.fraudgate_bin,
+                journal: args.journal,
             };
             compare::compare(&cfg).await.map(|_| ())
         }
-        Command::ServeFraudgate { listen } => {
+        Command::ServeFraudgate {
+            listen,
+            data_dir,
+            ephemeral,
+            durability,
+        } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            fraudgate::grpc::server::run(
-                listener,
-                fraudgate::grpc::server::ServeConfig::default(),
-                shutdown_signal(),
-            )
-            .await
+            let config = fraudgate::grpc::server::ServeConfig {
+                data_dir: if ephemeral { None } else { data_dir },
+                durability,
+                ..Default::default()
+            };
+            fraudgate::grpc::server::run(listener, config, shutdown_signal()).await
         }
     }
 }
