@@ -88,6 +88,12 @@ impl TxStore {
                 scored
             }
         };
+        self.remember(key);
+        Ok((scored, false))
+    }
+
+    /// Records `key` as the newest and forgets the oldest if the store is over capacity.
+    fn remember(&self, key: TxKey) {
         let evicted = {
             let mut order = self.order.lock();
             order.push_back(key);
@@ -100,25 +106,12 @@ impl TxStore {
         if let Some(old) = evicted {
             self.map.remove(&old);
         }
-        Ok((scored, false))
     }
 
     /// Puts back a transaction journaled before a restart, as the newest (start-up only).
     pub fn restore(&self, key: TxKey, record: TxRecord) {
-        if self.map.insert(key, record).is_some() {
-            return;
-        }
-        let evicted = {
-            let mut order = self.order.lock();
-            order.push_back(key);
-            if order.len() > self.capacity {
-                order.pop_front()
-            } else {
-                None
-            }
-        };
-        if let Some(old) = evicted {
-            self.map.remove(&old);
+        if self.map.insert(key, record).is_none() {
+            self.remember(key);
         }
     }
 
