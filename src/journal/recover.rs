@@ -69,59 +69,40 @@ pub fn recover(
     Ok(report)
 }
 
-enum Change {
-    Decision(Box<(Transaction, FeatureVector)>),
-    Feedback(TxFacts, i32),
-}
-
 fn replay(engine: &Engine, conn: &Connection, report: &mut Recovery) -> anyhow::Result<()> {
-    let after = report.snapshot_seq as i64;
-    let mut changes: Vec<(u64, Change)> = Vec::new();
+    // Decisions, and feedback that changed fraud counts joined to the transaction it was
+    // about (the newest decision on that id before it), streamed in one sequence order:
+    // memory stays flat however much the journal holds after the snapshot.
     let mut stmt = conn.prepare(&format!(
-        "SELECT d.seq, d.features, {TX_COLUMNS} FROM decisions d WHERE d.seq > ?1 ORDER BY d.seq"
+        "SELECT * FROM (\
+           SELECT d.seq, 0, 0, d.features, {TX_COLUMNS} FROM decisions d WHERE d.seq > ?1 \
+           UNION ALL \
+           SELECT f.seq, 1, f.fraud_delta, NULL, {TX_COLUMNS} FROM feedback f JOIN decisions d \
+             ON d.seq = (SELECT max(seq) FROM decisions WHERE transaction_id = f.transaction_id \
+             AND seq < f.seq) WHERE f.seq > ?1 AND f.fraud_delta != 0\
+         ) ORDER BY 1"
     ))?;
-    let mut rows = stmt.query(params![after])?;
+    let mut rows = stmt.query(params![report.snapshot_seq as i64])?;
     while let Some(row) = rows.next()? {
         let seq: i64 = row.get(0)?;
-        let features = features_of(&row.get::<_, String>(1)?)
-            .with_context(|| format!("journal decision {seq}: features"))?;
-        let tx = transaction_of(row, 2).with_context(|| format!("journal decision {seq}"))?;
-        changes.push((seq as u64, Change::Decision(Box::new((tx, features)))));
-    }
-    // Feedback that changed fraud counts, with the transaction it was about: the newest
-    // decision on that id before the feedback.
-    let mut stmt = conn.prepare(&format!(
-        "SELECT f.seq, f.fraud_delta, {TX_COLUMNS} FROM feedback f JOIN decisions d \
-         ON d.seq = (SELECT max(seq) FROM decisions WHERE transaction_id = f.transaction_id \
-         AND seq < f.seq) WHERE f.seq > ?1 AND f.fraud_delta != 0 ORDER BY f.seq"
-    ))?;
-    let mut rows = stmt.query(params![after])?;
-    while let Some(row) = rows.next()? {
-        let seq: i64 = row.get(0)?;
-        let delta: i32 = row.get(1)?;
-        let tx = transaction_of(row, 2).with_context(|| format!("journal feedback {seq}"))?;
-        changes.push((seq as u64, Change::Feedback(TxFacts::of(&tx), delta)));
-    }
-    changes.sort_by_key(|(seq, _)| *seq);
-    for (seq, change) in changes {
-        match change {
-            Change::Decision(decision) => {
-                let (tx, features) = *decision;
-                let now = engine.replay_decision(seq, &tx, &features);
-                if now
-                    .iter()
-                    .zip(&features)
-                    .any(|(a, b)| a.to_bits() != b.to_bits())
-                {
-                    report.feature_mismatches += 1;
-                }
-                report.decisions_replayed += 1;
-            }
-            Change::Feedback(facts, delta) => {
-                engine.replay_feedback(seq, &facts, delta);
-                report.feedback_replayed += 1;
-            }
+        let is_feedback: i64 = row.get(1)?;
+        let tx = transaction_of(row, 4).with_context(|| format!("journal entry {seq}"))?;
+        if is_feedback == 1 {
+            engine.replay_feedback(seq as u64, &TxFacts::of(&tx), row.get(2)?);
+            report.feedback_replayed += 1;
+            continue;
         }
+        let features = features_of(&row.get::<_, String>(3)?)
+            .with_context(|| format!("journal decision {seq}: features"))?;
+        let now = engine.replay_decision(seq as u64, &tx, &features);
+        if now
+            .iter()
+            .zip(&features)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            report.feature_mismatches += 1;
+        }
+        report.decisions_replayed += 1;
     }
     // Feedback that changed nothing still took a sequence number.
     let max_seq: Option<i64> = conn.query_row(
@@ -142,14 +123,15 @@ fn restore_transactions(
     max_tracked: usize,
     report: &mut Recovery,
 ) -> anyhow::Result<()> {
+    // The newest `max_tracked` decisions, oldest first, streamed into the store.
     let mut stmt = conn.prepare(&format!(
         "SELECT d.seq, d.decision, d.score, d.anomaly_score, d.classifier_score, d.reasons, \
          d.model_version, (SELECT f.label FROM feedback f WHERE f.transaction_id = \
          d.transaction_id AND f.seq > d.seq ORDER BY f.seq DESC LIMIT 1), {TX_COLUMNS} \
-         FROM decisions d ORDER BY d.seq DESC LIMIT ?1"
+         FROM decisions d WHERE d.seq > coalesce((SELECT seq FROM decisions \
+         ORDER BY seq DESC LIMIT 1 OFFSET ?1), -1) ORDER BY d.seq"
     ))?;
     let mut rows = stmt.query(params![max_tracked as i64])?;
-    let mut newest_first = Vec::new();
     while let Some(row) = rows.next()? {
         let seq: i64 = row.get(0)?;
         let context = || format!("journal decision {seq}");
@@ -173,11 +155,8 @@ fn restore_transactions(
             model_version: Arc::from(row.get::<_, String>(6)?),
         };
         let tx = transaction_of(row, 8).with_context(context)?;
-        newest_first.push((tx, Arc::new(scored), label));
-    }
-    report.transactions_restored = newest_first.len();
-    for (tx, scored, label) in newest_first.into_iter().rev() {
-        engine.restore_transaction(&tx, scored, label);
+        engine.restore_transaction(&tx, Arc::new(scored), label);
+        report.transactions_restored += 1;
     }
     Ok(())
 }
