@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, OpenFlags, Row};
 
 use crate::domain::{Decision, Label, Reason, Scored, Transaction};
 use crate::engine::Engine;
-use crate::features::{FeatureVector, FEATURES, N_FEATURES};
+use crate::features::{FeatureVector, N_FEATURES};
 use crate::grpc::parse::{self, ParseLimits};
 use crate::proto;
 use crate::snapshot;
@@ -191,14 +191,14 @@ fn transaction_of(row: &Row, at: usize) -> anyhow::Result<Transaction> {
 }
 
 fn features_of(json: &str) -> anyhow::Result<FeatureVector> {
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)?;
+    let values: Vec<f64> = serde_json::from_str(json)?;
+    anyhow::ensure!(
+        values.len() == N_FEATURES,
+        "{} features journaled, this build has {N_FEATURES}",
+        values.len()
+    );
     let mut x = [0.0; N_FEATURES];
-    for (slot, spec) in x.iter_mut().zip(FEATURES.iter()) {
-        *slot = map
-            .get(spec.name)
-            .and_then(|v| v.as_f64())
-            .with_context(|| format!("feature {} is missing", spec.name))?;
-    }
+    x.copy_from_slice(&values);
     Ok(x)
 }
 

@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     anomaly_score    REAL    NOT NULL,
     classifier_score REAL    NOT NULL,
     reasons          TEXT    NOT NULL, -- JSON array of {code, feature, value, contribution, text}
-    features         TEXT    NOT NULL, -- JSON object, feature name -> value, as scored
+    features         TEXT    NOT NULL, -- JSON array of the feature values as scored, in the
+                                       -- server's feature order (view decision_features names them)
     model_version    TEXT    NOT NULL,
     scored_at_ms     INTEGER NOT NULL
 );

@@ -20,6 +20,9 @@ use crate::proto;
 const MAX_BATCH: usize = 4_096;
 /// Rows deleted per pruning statement, so pruning never holds the file for long.
 const PRUNE_BATCH: i64 = 5_000;
+/// How long the writer gathers entries nobody waits on before committing them: the bound on
+/// how late an `async` decision reaches the journal, beyond the commit itself.
+const GATHER: Duration = Duration::from_millis(2);
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
@@ -44,7 +47,24 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
         .context("setting the busy timeout")?;
     conn.execute_batch(SCHEMA)
         .with_context(|| format!("creating the journal schema in {}", path.display()))?;
+    conn.execute_batch(&features_view())
+        .context("creating the decision_features view")?;
     Ok(conn)
+}
+
+/// `decision_features`: one named column per feature, read out of the `features` array, so
+/// analysts never index the array by hand. Rebuilt at every start from [`FEATURES`].
+fn features_view() -> String {
+    let columns: Vec<String> = FEATURES
+        .iter()
+        .enumerate()
+        .map(|(i, f)| format!("json_extract(features, '$[{i}]') AS {}", f.name))
+        .collect();
+    format!(
+        "DROP VIEW IF EXISTS decision_features; CREATE VIEW decision_features AS SELECT seq, \
+         transaction_id, decision, score, {} FROM decisions;",
+        columns.join(", ")
+    )
 }
 
 pub fn run(
@@ -57,11 +77,12 @@ pub fn run(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
+        drain(&mut jobs, &mut batch);
+        if !batch.iter().any(waited) && batch.len() < MAX_BATCH / 4 {
+            // Nobody waits: gather for a moment, so a busy server commits (and wakes this
+            // thread) hundreds of times a second rather than once per decision.
+            std::thread::sleep(GATHER);
+            drain(&mut jobs, &mut batch);
         }
         let result = commit(&mut conn, &batch).map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {
@@ -95,6 +116,23 @@ pub fn run(
     }
 }
 
+fn drain(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Whether a caller waits for this job's commit.
+fn waited(job: &Job) -> bool {
+    match job {
+        Job::Write { done, .. } => done.is_some(),
+        Job::Flush(_) => true,
+    }
+}
+
 fn commit(conn: &mut Connection, batch: &[Job]) -> anyhow::Result<()> {
     let tx = conn
         .transaction()
@@ -113,6 +151,16 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> anyhow::Result<()> {
         }
     }
     tx.commit().context("committing to the journal")
+}
+
+/// A reason as the journal stores it.
+#[derive(serde::Serialize)]
+struct ReasonJson {
+    code: &'static str,
+    feature: &'static str,
+    value: f64,
+    contribution: f64,
+    text: &'static str,
 }
 
 pub fn now_ms() -> i64 {
@@ -148,25 +196,21 @@ fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
     let channel =
         proto::Channel::try_from(t.channel).map_or("CHANNEL_UNSPECIFIED", |c| c.as_str_name());
     let s = &d.scored;
-    let reasons = serde_json::Value::Array(
-        s.reasons
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "code": r.code,
-                    "feature": r.feature,
-                    "value": r.value,
-                    "contribution": r.contribution,
-                    "text": r.text,
-                })
-            })
-            .collect(),
-    );
-    let features: serde_json::Map<String, serde_json::Value> = FEATURES
+    let reasons: Vec<ReasonJson> = s
+        .reasons
         .iter()
-        .zip(d.features.iter())
-        .map(|(spec, &v)| (spec.name.to_owned(), serde_json::Value::from(v)))
+        .map(|r| ReasonJson {
+            code: r.code,
+            feature: r.feature,
+            value: r.value,
+            contribution: r.contribution,
+            text: r.text,
+        })
         .collect();
+    let reasons = serde_json::to_string(&reasons).context("encoding reasons")?;
+    // An array in FEATURES order (the view `decision_features` names the columns); NaN or
+    // infinity cannot occur (features are finite by construction) and would encode as null.
+    let features = serde_json::to_string(&d.features[..]).context("encoding features")?;
     tx.prepare_cached(
         "INSERT INTO decisions (seq, transaction_id, account_id, merchant_id, amount_minor, \
          currency, event_time, event_seconds, event_nanos, channel, merchant_category_code, \
@@ -193,8 +237,8 @@ fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
         s.score,
         s.anomaly_score,
         s.classifier_score,
-        reasons.to_string(),
-        serde_json::Value::Object(features).to_string(),
+        reasons,
+        features,
         &*s.model_version,
         d.scored_at_ms,
     ])
