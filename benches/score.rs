@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
     let mut snapshots = c.benchmark_group("snapshot");
     snapshots.sample_size(10);
     snapshots.bench_function(
-        "Engine::image: scoring's pause for a snapshot (1e5 accounts)",
+        "Engine::image: the whole copy, made one partition at a time (1e5 accounts)",
         |b| b.iter(|| black_box(engine.image())),
     );
     snapshots.finish();

@@ -9,8 +9,10 @@
 //! Every change to what later scores can see (state windows, the anomaly model's masses,
 //! fraud counts from feedback) happens under one short lock, the sequencer, which numbers it.
 //! That number (`seq`) orders the journal, so replaying the journal after a snapshot applies
-//! the changes in exactly the order they first happened; and a snapshot taken under the
-//! sequencer is a consistent cut at one `seq`. The lock covers the state update, feature
+//! the changes in exactly the order they first happened. A snapshot is copied part by part
+//! (the anomaly masses, then each of 64 partitions of each entity map), each part under the
+//! sequencer and so a consistent cut at its own `seq`; replay applies a change to a part
+//! only if it comes after that part's cut. The lock covers the state update, feature
 //! extraction and the anomaly step (about 3 us); the forest and the policy run outside it.
 
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use crate::model::hst::HstMass;
 use crate::model::{Model, Prediction};
 use crate::policy::Policy;
 use crate::state::txstore::{Conflict, NotFound, TxRecord, TxStore};
-use crate::state::{EntityCounts, State, StateImage, TxFacts};
+use crate::state::{Cut, EntityCounts, State, StateImage, TxFacts};
 
 /// Settings of the engine itself.
 #[derive(Debug, Clone, Copy)]
@@ -68,15 +70,28 @@ pub struct FeedbackApplied {
     pub fraud_delta: i32,
 }
 
-/// Everything a snapshot holds: a consistent cut of the engine at `seq`.
+/// Everything a snapshot holds. Each part (the anomaly masses, each partition of each
+/// entity map) is a consistent cut at its own sequence number, taken under the sequencer;
+/// scoring runs between parts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineImage {
-    /// The last sequence number whose change the image includes.
+    /// Every change numbered at or below this is in the image (the lowest part's cut):
+    /// replay starts after it.
     pub seq: u64,
     /// The model whose anomaly masses these are.
     pub model_version: String,
+    /// The last change the anomaly masses include.
+    pub anomaly_seq: u64,
     pub anomaly: HstMass,
     pub state: StateImage,
+}
+
+/// Where a restored image was cut, so replay applies each journaled change only to the
+/// parts the image does not include yet.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayCut {
+    state: Cut,
+    anomaly: u64,
 }
 
 /// The scoring engine: state, the current model and the current policy.
@@ -176,52 +191,72 @@ impl Engine {
         })
     }
 
-    /// A consistent copy of everything a snapshot holds. Scoring waits meanwhile (the copy
-    /// is made under the sequencer); writing it out happens after, without the lock.
+    /// A copy of everything a snapshot holds, made part by part: each part under the
+    /// sequencer (scoring waits for that part's copy only), so each is a consistent cut.
     pub fn image(&self) -> EngineImage {
         let model = self.model.load();
-        let seq = self.sequencer.lock();
+        let (anomaly_seq, anomaly) = {
+            let seq = self.sequencer.lock();
+            (*seq, model.anomaly_mass())
+        };
+        let state = self.state.image(|| self.sequencer.lock());
         EngineImage {
-            seq: *seq,
+            seq: state.min_seq().min(anomaly_seq),
             model_version: model.version.to_string(),
-            anomaly: model.anomaly_mass(),
-            state: self.state.image(),
+            anomaly_seq,
+            anomaly,
+            state,
         }
     }
 
     /// Starts from a snapshot. The anomaly masses are taken only if the image was made with
-    /// the model now loaded; returns whether they were.
-    pub fn restore(&self, image: EngineImage) -> bool {
+    /// the model now loaded (returned as the flag); the cut tells replay what the image
+    /// already includes.
+    pub fn restore(&self, image: EngineImage) -> (bool, ReplayCut) {
         let model = self.model.load();
         let mut seq = self.sequencer.lock();
-        *seq = image.seq;
+        *seq = image.state.max_seq().max(image.anomaly_seq);
+        let cut = ReplayCut {
+            state: image.state.cut(),
+            anomaly: image.anomaly_seq,
+        };
         self.state.restore(image.state);
-        image.model_version == *model.version && model.restore_anomaly_mass(image.anomaly).is_ok()
+        let restored = image.model_version == *model.version
+            && model.restore_anomaly_mass(image.anomaly).is_ok();
+        (restored, cut)
     }
 
-    /// Re-applies a journaled decision's changes (start-up only): the state update, and the
-    /// anomaly model learning the features as journaled. Returns the features the state now
-    /// gives, which equal the journaled ones when the replay is exact.
+    /// Re-applies a journaled decision's changes that `cut` does not include (start-up
+    /// only): the state update of each entity, and the anomaly model learning the features
+    /// as journaled. Returns the features the state now gives when every entity was updated
+    /// (they equal the journaled ones when the replay is exact).
     pub fn replay_decision(
         &self,
         seq: u64,
         tx: &Transaction,
         journaled: &FeatureVector,
-    ) -> FeatureVector {
+        cut: &ReplayCut,
+    ) -> Option<FeatureVector> {
         let model = self.model.load();
         let mut next = self.sequencer.lock();
         *next = (*next).max(seq);
-        let snapshot = self.state.observe(tx);
-        model.score_and_learn_anomaly(journaled);
-        features::extract(tx, &snapshot)
+        let snapshot = self
+            .state
+            .replay_observe(tx, cut.state.pending(&TxFacts::of(tx), seq));
+        if seq > cut.anomaly {
+            model.score_and_learn_anomaly(journaled);
+        }
+        snapshot.map(|s| features::extract(tx, &s))
     }
 
-    /// Re-applies journaled feedback's change to the fraud counts (start-up only).
-    pub fn replay_feedback(&self, seq: u64, facts: &TxFacts, fraud_delta: i32) {
+    /// Re-applies journaled feedback's change to the fraud counts where `cut` does not
+    /// include it (start-up only).
+    pub fn replay_feedback(&self, seq: u64, facts: &TxFacts, fraud_delta: i32, cut: &ReplayCut) {
         let mut next = self.sequencer.lock();
         *next = (*next).max(seq);
         if fraud_delta != 0 {
-            self.state.add_fraud(facts, fraud_delta);
+            self.state
+                .add_fraud_to(facts, fraud_delta, cut.state.pending(facts, seq));
         }
     }
 

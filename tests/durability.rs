@@ -66,6 +66,16 @@ async fn load(server: &ServerProcess, phase: u32, stop: Arc<AtomicBool>, acked: 
     }
 }
 
+/// The name of the newest snapshot file (names sort by sequence number).
+fn newest_snapshot(dir: &Path) -> String {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("snapshot-") && n.ends_with(".bin"))
+        .max()
+        .unwrap_or_default()
+}
+
 fn journal(dir: &Path) -> Connection {
     Connection::open_with_flags(dir.join("journal.db"), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
 }
@@ -166,15 +176,25 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
     let (status, log) = server.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{log}");
     assert!(log.contains("snapshot written"), "{log}");
+    let first_snapshot = newest_snapshot(dir.path());
 
-    // Phase 2: restart on the snapshot, load again, and SIGKILL in the middle of it.
-    let mut server = ServerProcess::start_in(dir.path(), &["--durability", "sync"]).await;
-    let stop = run_until_acked(&server, 2, &acked, 300).await;
+    // Phase 2: restart on the snapshot, load again with snapshots taken in the middle of the
+    // load (each partition cut at its own sequence number), and SIGKILL in the middle of it.
+    let mut server = ServerProcess::start_in(
+        dir.path(),
+        &["--durability", "sync", "--snapshot-interval", "150ms"],
+    )
+    .await;
+    let stop = run_until_acked(&server, 2, &acked, 1_500).await;
     server.signal("-KILL");
     let (status, _) = server.wait_exit(Duration::from_secs(10));
     assert!(!status.success());
     stop.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        newest_snapshot(dir.path()) > first_snapshot,
+        "no snapshot was taken during the second phase's load"
+    );
 
     // Everything acknowledged is in the journal.
     let acked = std::mem::take(&mut *acked.lock().unwrap());
@@ -219,8 +239,17 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
     // Phase 3: restart after the crash. A probe gets the features the reference gives it.
     let server = ServerProcess::start_in(dir.path(), &["--durability", "sync"]).await;
     let mut client = server.client().await;
-    for account in ["acct-0", "acct-5", "acct-22"] {
-        let probe = tx(&format!("probe-{account}"), account, "m-3", 4_200, 250_000);
+    // Every account and merchant, so a change applied twice or not at all anywhere shows.
+    for n in 0..23 {
+        let account = format!("acct-{n}");
+        let merchant = format!("m-{}", n % 5);
+        let probe = tx(
+            &format!("probe-{account}"),
+            &account,
+            &merchant,
+            4_200,
+            250_000,
+        );
         let got = client
             .score(explain(probe.clone()))
             .await

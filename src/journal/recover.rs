@@ -1,10 +1,12 @@
 //! Start-up: the newest snapshot, then the journal after it, so the engine is where it was
 //! when the server stopped — exactly, for everything the journal holds.
 //!
-//! 1. Load the newest snapshot (a consistent cut at sequence number S).
-//! 2. Re-apply every journaled change after S in sequence order: decisions update the windows
-//!    and teach the anomaly model the features as journaled; feedback adds its fraud-count
-//!    change to the entities of its transaction.
+//! 1. Load the newest snapshot: each of its parts (the anomaly masses, each partition of each
+//!    entity map) a consistent cut at its own sequence number, the lowest of them S.
+//! 2. Re-apply every journaled change after S in sequence order, to each part only if the
+//!    change comes after that part's cut: decisions update the windows and teach the anomaly
+//!    model the features as journaled; feedback adds its fraud-count change to the entities
+//!    of its transaction.
 //! 3. Put the newest journaled transactions (up to the store's size) back into the store of
 //!    recent transactions, with their latest labels: retries get their stored answer and
 //!    feedback finds transactions scored before the restart.
@@ -18,7 +20,7 @@ use anyhow::Context;
 use rusqlite::{params, Connection, OpenFlags, Row};
 
 use crate::domain::{Decision, Label, Reason, Scored, Transaction};
-use crate::engine::Engine;
+use crate::engine::{Engine, ReplayCut};
 use crate::features::{FeatureVector, N_FEATURES};
 use crate::grpc::parse::{self, ParseLimits};
 use crate::proto;
@@ -56,20 +58,26 @@ pub fn recover(
 ) -> anyhow::Result<Recovery> {
     let started = Instant::now();
     let mut report = Recovery::default();
+    let mut cut = ReplayCut::default();
     if let Some((path, image)) = snapshot::latest(data_dir)? {
         report.snapshot_seq = image.seq;
-        report.anomaly_restored = engine.restore(image);
+        (report.anomaly_restored, cut) = engine.restore(image);
         tracing::info!(path = %path.display(), seq = report.snapshot_seq, "snapshot loaded");
     }
     let conn = Connection::open_with_flags(journal, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening the journal {} to replay it", journal.display()))?;
-    replay(engine, &conn, &mut report)?;
+    replay(engine, &conn, &cut, &mut report)?;
     restore_transactions(engine, &conn, max_tracked, &mut report)?;
     report.took = started.elapsed();
     Ok(report)
 }
 
-fn replay(engine: &Engine, conn: &Connection, report: &mut Recovery) -> anyhow::Result<()> {
+fn replay(
+    engine: &Engine,
+    conn: &Connection,
+    cut: &ReplayCut,
+    report: &mut Recovery,
+) -> anyhow::Result<()> {
     // Decisions, and feedback that changed fraud counts joined to the transaction it was
     // about (the newest decision on that id before it), streamed in one sequence order:
     // memory stays flat however much the journal holds after the snapshot.
@@ -88,18 +96,18 @@ fn replay(engine: &Engine, conn: &Connection, report: &mut Recovery) -> anyhow::
         let is_feedback: i64 = row.get(1)?;
         let tx = transaction_of(row, 4).with_context(|| format!("journal entry {seq}"))?;
         if is_feedback == 1 {
-            engine.replay_feedback(seq as u64, &TxFacts::of(&tx), row.get(2)?);
+            engine.replay_feedback(seq as u64, &TxFacts::of(&tx), row.get(2)?, cut);
             report.feedback_replayed += 1;
             continue;
         }
         let features = features_of(&row.get::<_, String>(3)?)
             .with_context(|| format!("journal decision {seq}: features"))?;
-        let now = engine.replay_decision(seq as u64, &tx, &features);
-        if now
-            .iter()
-            .zip(&features)
-            .any(|(a, b)| a.to_bits() != b.to_bits())
-        {
+        let now = engine.replay_decision(seq as u64, &tx, &features, cut);
+        if now.is_some_and(|now| {
+            now.iter()
+                .zip(&features)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+        }) {
             report.feature_mismatches += 1;
         }
         report.decisions_replayed += 1;

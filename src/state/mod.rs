@@ -7,25 +7,22 @@
 //! method holds two entries of the same map.
 
 pub mod entity;
+pub mod partitioned;
 pub mod txstore;
 pub mod window;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use dashmap::DashMap;
-use rustc_hash::FxBuildHasher;
-
 use crate::domain::{EventTime, Transaction};
 use crate::ids::EntityKey;
 use entity::{AccountState, AccountView, EntityState, EntityView, EXPIRY_SECS};
+use partitioned::{partition, Partitioned, PARTITIONS};
 
 /// How late an event may arrive, relative to the newest event seen anywhere, and still see
 /// an idle entity exactly as if it had never been evicted.
 pub const ALLOWED_LATENESS_SECS: i64 = 86_400;
 
-/// Entity maps hold boxed states: a table slot is then 16 bytes, so the free slots a hash
-/// table always keeps cost little (at 10^6 entries hashbrown sits near half full).
-type Map<V> = DashMap<EntityKey, Box<V>, FxBuildHasher>;
+type Map<V> = Partitioned<V>;
 
 /// What was known, before a transaction, about each entity it involves.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -67,14 +64,95 @@ pub struct EntityCounts {
     pub ips: usize,
 }
 
-/// A copy of every entity's state, for a snapshot file.
+/// One partition of one map in a snapshot: its entries and the last sequence number whose
+/// change they include.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PartImage<V> {
+    pub seq: u64,
+    pub entries: Vec<(EntityKey, V)>,
+}
+
+/// A copy of every entity's state, for a snapshot file, made one partition at a time.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StateImage {
     pub watermark: i64,
-    pub accounts: Vec<(EntityKey, AccountState)>,
-    pub merchants: Vec<(EntityKey, EntityState)>,
-    pub devices: Vec<(EntityKey, EntityState)>,
-    pub ips: Vec<(EntityKey, EntityState)>,
+    pub accounts: Vec<PartImage<AccountState>>,
+    pub merchants: Vec<PartImage<EntityState>>,
+    pub devices: Vec<PartImage<EntityState>>,
+    pub ips: Vec<PartImage<EntityState>>,
+}
+
+impl StateImage {
+    /// The lowest partition cut: every change numbered at or below it is in the image.
+    pub fn min_seq(&self) -> u64 {
+        self.cuts().min().unwrap_or(0)
+    }
+
+    /// The highest partition cut.
+    pub fn max_seq(&self) -> u64 {
+        self.cuts().max().unwrap_or(0)
+    }
+
+    fn cuts(&self) -> impl Iterator<Item = u64> {
+        let cut = self.cut();
+        [cut.accounts, cut.merchants, cut.devices, cut.ips]
+            .into_iter()
+            .flatten()
+    }
+
+    /// Where each partition's image was cut, for replaying the journal after it.
+    pub fn cut(&self) -> Cut {
+        fn seqs<V>(parts: &[PartImage<V>]) -> Vec<u64> {
+            parts.iter().map(|p| p.seq).collect()
+        }
+        Cut {
+            accounts: seqs(&self.accounts),
+            merchants: seqs(&self.merchants),
+            devices: seqs(&self.devices),
+            ips: seqs(&self.ips),
+        }
+    }
+}
+
+/// Per map and partition, the last change a snapshot included: a journaled change applies
+/// to an entity on replay only if it is numbered after its partition's cut.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cut {
+    accounts: Vec<u64>,
+    merchants: Vec<u64>,
+    devices: Vec<u64>,
+    ips: Vec<u64>,
+}
+
+/// Which of a transaction's entities a replayed change still has to be applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub account: bool,
+    pub merchant: bool,
+    pub device: bool,
+    pub ip: bool,
+}
+
+impl Pending {
+    pub const ALL: Pending = Pending {
+        account: true,
+        merchant: true,
+        device: true,
+        ip: true,
+    };
+}
+
+impl Cut {
+    pub fn pending(&self, facts: &TxFacts, seq: u64) -> Pending {
+        let after =
+            |cuts: &[u64], key: EntityKey| seq > cuts.get(partition(key)).copied().unwrap_or(0);
+        Pending {
+            account: after(&self.accounts, facts.account),
+            merchant: after(&self.merchants, facts.merchant),
+            device: facts.device.is_some_and(|k| after(&self.devices, k)),
+            ip: facts.ip.is_some_and(|k| after(&self.ips, k)),
+        }
+    }
 }
 
 /// The per-entity windows of every account, merchant, device and IP address.
@@ -100,11 +178,12 @@ impl State {
     pub fn observe(&self, tx: &Transaction) -> Snapshot {
         let t = tx.event_time;
         self.watermark.fetch_max(t, Ordering::Relaxed);
-        let account =
-            self.accounts
-                .entry(tx.account)
-                .or_default()
-                .observe(t, tx.amount, tx.merchant);
+        let account = self
+            .accounts
+            .map(tx.account)
+            .entry(tx.account)
+            .or_default()
+            .observe(t, tx.amount, tx.merchant);
         let merchant = observe(&self.merchants, tx.merchant, t, tx.amount);
         let device = tx.device.map(|k| observe(&self.devices, k, t, tx.amount));
         let ip = tx.ip.map(|k| observe(&self.ips, k, t, tx.amount));
@@ -116,29 +195,40 @@ impl State {
         }
     }
 
-    /// A copy of everything, for a snapshot. Consistent only if nothing mutates the state
-    /// meanwhile (the engine holds its sequencer).
-    pub fn image(&self) -> StateImage {
-        fn copy<V: Clone>(map: &Map<V>) -> Vec<(EntityKey, V)> {
-            map.iter()
-                .map(|e| (*e.key(), (**e.value()).clone()))
+    /// A copy of everything, for a snapshot, one partition at a time: `lock` is called before
+    /// each partition's copy and its guard (the engine's sequencer, holding the last sequence
+    /// number) held while it is made, so each partition is a consistent cut at that number
+    /// while scoring runs between partitions.
+    pub fn image<G: std::ops::Deref<Target = u64>>(&self, lock: impl Fn() -> G) -> StateImage {
+        fn copy<V: Clone, G: std::ops::Deref<Target = u64>>(
+            map: &Map<V>,
+            lock: &impl Fn() -> G,
+        ) -> Vec<PartImage<V>> {
+            (0..PARTITIONS)
+                .map(|p| {
+                    let seq = lock();
+                    PartImage {
+                        seq: *seq,
+                        entries: map.copy_part(p),
+                    }
+                })
                 .collect()
         }
         StateImage {
+            accounts: copy(&self.accounts, &lock),
+            merchants: copy(&self.merchants, &lock),
+            devices: copy(&self.devices, &lock),
+            ips: copy(&self.ips, &lock),
             watermark: self.watermark.load(Ordering::Relaxed),
-            accounts: copy(&self.accounts),
-            merchants: copy(&self.merchants),
-            devices: copy(&self.devices),
-            ips: copy(&self.ips),
         }
     }
 
     /// Replaces everything with `image`.
     pub fn restore(&self, image: StateImage) {
-        fn fill<V>(map: &Map<V>, entries: Vec<(EntityKey, V)>) {
+        fn fill<V>(map: &Map<V>, parts: Vec<PartImage<V>>) {
             map.clear();
-            for (k, v) in entries {
-                map.insert(k, Box::new(v));
+            for (k, v) in parts.into_iter().flat_map(|p| p.entries) {
+                map.map(k).insert(k, Box::new(v));
             }
         }
         self.watermark.store(image.watermark, Ordering::Relaxed);
@@ -148,19 +238,64 @@ impl State {
         fill(&self.ips, image.ips);
     }
 
+    /// [`State::observe`] for a replayed transaction, applied only to the entities in
+    /// `pending`. Returns the snapshot when every entity was pending (only then is it what
+    /// the transaction saw).
+    pub fn replay_observe(&self, tx: &Transaction, pending: Pending) -> Option<Snapshot> {
+        let everything = pending.account
+            && pending.merchant
+            && (pending.device || tx.device.is_none())
+            && (pending.ip || tx.ip.is_none());
+        if everything {
+            return Some(self.observe(tx));
+        }
+        let t = tx.event_time;
+        self.watermark.fetch_max(t, Ordering::Relaxed);
+        if pending.account {
+            self.accounts
+                .map(tx.account)
+                .entry(tx.account)
+                .or_default()
+                .observe(t, tx.amount, tx.merchant);
+        }
+        if pending.merchant {
+            observe(&self.merchants, tx.merchant, t, tx.amount);
+        }
+        for (key, map, due) in [
+            (tx.device, &self.devices, pending.device),
+            (tx.ip, &self.ips, pending.ip),
+        ] {
+            if let (Some(k), true) = (key, due) {
+                observe(map, k, t, tx.amount);
+            }
+        }
+        None
+    }
+
     /// Adds `delta` (+1 fraud, -1 correction) to the fraud counts of every entity of a past
     /// transaction, in the buckets of its event time.
     pub fn add_fraud(&self, facts: &TxFacts, delta: i32) {
+        self.add_fraud_to(facts, delta, Pending::ALL);
+    }
+
+    /// [`State::add_fraud`], only to the entities in `pending` (replay).
+    pub fn add_fraud_to(&self, facts: &TxFacts, delta: i32, pending: Pending) {
         let t = facts.event_time;
-        if let Some(mut a) = self.accounts.get_mut(&facts.account) {
-            a.windows.add_fraud(t, delta);
+        if pending.account {
+            if let Some(mut a) = self.accounts.map(facts.account).get_mut(&facts.account) {
+                a.windows.add_fraud(t, delta);
+            }
         }
-        add_fraud(&self.merchants, facts.merchant, t, delta);
-        if let Some(k) = facts.device {
-            add_fraud(&self.devices, k, t, delta);
+        if pending.merchant {
+            add_fraud(&self.merchants, facts.merchant, t, delta);
         }
-        if let Some(k) = facts.ip {
-            add_fraud(&self.ips, k, t, delta);
+        for (key, map, due) in [
+            (facts.device, &self.devices, pending.device),
+            (facts.ip, &self.ips, pending.ip),
+        ] {
+            if let (Some(k), true) = (key, due) {
+                add_fraud(map, k, t, delta);
+            }
         }
     }
 
@@ -195,11 +330,11 @@ impl State {
 }
 
 fn observe(map: &Map<EntityState>, key: EntityKey, t: EventTime, amount: f64) -> EntityView {
-    map.entry(key).or_default().observe(t, amount)
+    map.map(key).entry(key).or_default().observe(t, amount)
 }
 
 fn add_fraud(map: &Map<EntityState>, key: EntityKey, t: EventTime, delta: i32) {
-    if let Some(mut e) = map.get_mut(&key) {
+    if let Some(mut e) = map.map(key).get_mut(&key) {
         e.windows.add_fraud(t, delta);
     }
 }
@@ -249,5 +384,65 @@ mod tests {
             seen.account.base.secs_since_last, None,
             "an evicted account is new"
         );
+    }
+
+    /// Entities keyed across every partition, payments spread over them.
+    fn spread_tx(n: u64) -> Transaction {
+        let account = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 97 * (u64::MAX / 97);
+        let mut t = tx(account, n as i64 * 30);
+        t.merchant = (n % 13) * (u64::MAX / 13);
+        t.amount = 1.0 + (n % 7) as f64;
+        t
+    }
+
+    fn entries(state: &State) -> StateImage {
+        let mut image = state.image(|| Box::new(0u64));
+        for parts in [&mut image.merchants, &mut image.devices, &mut image.ips] {
+            parts.iter_mut().for_each(|p| {
+                p.seq = 0;
+                p.entries.sort_by_key(|e| e.0);
+            });
+        }
+        image.accounts.iter_mut().for_each(|p| {
+            p.seq = 0;
+            p.entries.sort_by_key(|e| e.0);
+        });
+        image
+    }
+
+    /// A snapshot taken while changes keep arriving between partitions, then replay of
+    /// everything after its lowest cut, gives exactly the state of a run that never stopped.
+    #[test]
+    fn partition_cuts_plus_replay_reproduce_the_state() {
+        let live = State::new();
+        let sequencer = parking_lot::Mutex::new(0u64);
+        let apply = |seq: u64| live.observe(&spread_tx(seq));
+        for _ in 0..500 {
+            let mut s = sequencer.lock();
+            *s += 1;
+            apply(*s);
+        }
+        // One more payment before every partition's copy: the cuts all differ.
+        let image = live.image(|| {
+            let mut s = sequencer.lock();
+            *s += 1;
+            apply(*s);
+            s
+        });
+        let after = *sequencer.lock();
+        for seq in after + 1..after + 300 {
+            apply(seq);
+        }
+        assert!(image.max_seq() > image.min_seq() + 100, "the cuts differ");
+
+        let restored = State::new();
+        let cut = image.cut();
+        let from = image.min_seq();
+        restored.restore(image);
+        for seq in from + 1..after + 300 {
+            let t = spread_tx(seq);
+            restored.replay_observe(&t, cut.pending(&TxFacts::of(&t), seq));
+        }
+        assert_eq!(entries(&restored), entries(&live));
     }
 }
