@@ -194,19 +194,27 @@ impl Engine {
     /// A copy of everything a snapshot holds, made part by part: each part under the
     /// sequencer (scoring waits for that part's copy only), so each is a consistent cut.
     pub fn image(&self) -> EngineImage {
+        self.image_timed().0
+    }
+
+    /// [`Engine::image`], and the longest time scoring waited for one part's copy.
+    pub fn image_timed(&self) -> (EngineImage, std::time::Duration) {
         let model = self.model.load();
-        let (anomaly_seq, anomaly) = {
+        let (anomaly_seq, anomaly, anomaly_pause) = {
             let seq = self.sequencer.lock();
-            (*seq, model.anomaly_mass())
+            let started = std::time::Instant::now();
+            let mass = model.anomaly_mass();
+            (*seq, mass, started.elapsed())
         };
-        let state = self.state.image(|| self.sequencer.lock());
-        EngineImage {
+        let (state, state_pause) = self.state.image_timed(|| self.sequencer.lock());
+        let image = EngineImage {
             seq: state.min_seq().min(anomaly_seq),
             model_version: model.version.to_string(),
             anomaly_seq,
             anomaly,
             state,
-        }
+        };
+        (image, anomaly_pause.max(state_pause))
     }
 
     /// Starts from a snapshot. The anomaly masses are taken only if the image was made with

@@ -308,7 +308,7 @@ fn start_node(config: &ServeConfig, data_dir: Option<&Path>) -> anyhow::Result<N
 async fn write_snapshot(node: &Arc<Node>, dir: &Path) -> anyhow::Result<()> {
     let engine = Arc::clone(node.engine());
     let started = std::time::Instant::now();
-    let image = tokio::task::spawn_blocking(move || engine.image())
+    let (image, longest_pause) = tokio::task::spawn_blocking(move || engine.image_timed())
         .await
         .context("copying the state for a snapshot")?;
     let copied = started.elapsed();
@@ -323,7 +323,14 @@ async fn write_snapshot(node: &Arc<Node>, dir: &Path) -> anyhow::Result<()> {
     if let Some(journal) = node.journal() {
         journal.set_snapshot_seq(seq);
     }
-    info!(path = %path.display(), seq, pause = ?copied, took = ?started.elapsed(), "snapshot written");
+    info!(
+        path = %path.display(),
+        seq,
+        copy = ?copied,
+        longest_pause = ?longest_pause,
+        took = ?started.elapsed(),
+        "snapshot written"
+    );
     Ok(())
 }
 

@@ -200,27 +200,56 @@ impl State {
     /// number) held while it is made, so each partition is a consistent cut at that number
     /// while scoring runs between partitions.
     pub fn image<G: std::ops::Deref<Target = u64>>(&self, lock: impl Fn() -> G) -> StateImage {
-        fn copy<V: Clone, G: std::ops::Deref<Target = u64>>(
-            map: &Map<V>,
-            lock: &impl Fn() -> G,
-        ) -> Vec<PartImage<V>> {
-            (0..PARTITIONS)
-                .map(|p| {
-                    let seq = lock();
-                    PartImage {
-                        seq: *seq,
-                        entries: map.copy_part(p),
-                    }
+        self.image_timed(lock).0
+    }
+
+    /// [`State::image`], and the longest time one partition's copy held the lock.
+    pub fn image_timed<G: std::ops::Deref<Target = u64>>(
+        &self,
+        lock: impl Fn() -> G,
+    ) -> (StateImage, std::time::Duration) {
+        let mut longest = std::time::Duration::ZERO;
+        // Runs `f` (one partition's copy) under the lock, with the lock's sequence number.
+        let mut copy = |f: &mut dyn FnMut(u64)| {
+            let seq = lock();
+            let started = std::time::Instant::now();
+            f(*seq);
+            longest = longest.max(started.elapsed());
+        };
+        let mut accounts = Vec::with_capacity(PARTITIONS);
+        let mut merchants = Vec::with_capacity(PARTITIONS);
+        let mut devices = Vec::with_capacity(PARTITIONS);
+        let mut ips = Vec::with_capacity(PARTITIONS);
+        for p in 0..PARTITIONS {
+            copy(&mut |seq| {
+                accounts.push(PartImage {
+                    seq,
+                    entries: self.accounts.copy_part(p),
                 })
-                .collect()
+            });
         }
-        StateImage {
-            accounts: copy(&self.accounts, &lock),
-            merchants: copy(&self.merchants, &lock),
-            devices: copy(&self.devices, &lock),
-            ips: copy(&self.ips, &lock),
+        for (map, out) in [
+            (&self.merchants, &mut merchants),
+            (&self.devices, &mut devices),
+            (&self.ips, &mut ips),
+        ] {
+            for p in 0..PARTITIONS {
+                copy(&mut |seq| {
+                    out.push(PartImage {
+                        seq,
+                        entries: map.copy_part(p),
+                    })
+                });
+            }
+        }
+        let image = StateImage {
+            accounts,
+            merchants,
+            devices,
+            ips,
             watermark: self.watermark.load(Ordering::Relaxed),
-        }
+        };
+        (image, longest)
     }
 
     /// Replaces everything with `image`.
