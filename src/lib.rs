@@ -12,6 +12,7 @@ pub mod features;
 pub mod grpc;
 pub mod ids;
 pub mod journal;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod policy;

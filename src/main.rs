@@ -32,6 +32,19 @@ enum Command {
     Train(TrainArgs),
 }
 
+/// The metrics address, or none.
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    text.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{text:?}: {e} (an address such as 127.0.0.1:9464, or off)"))
+}
+
 /// A retention period, or none.
 #[derive(Debug, Clone, Copy)]
 struct Retention(Option<Duration>);
@@ -76,6 +89,9 @@ struct ServeArgs {
     /// Journal rows older than this are deleted ("off" keeps everything).
     #[arg(long, value_parser = retention, default_value = "90d")]
     journal_retention: Retention,
+    /// Where Prometheus scrapes `/metrics` ("off": not served).
+    #[arg(long, value_parser = metrics_addr, default_value = "127.0.0.1:9464")]
+    metrics_listen: MetricsAddr,
     /// Calls one connection may have in progress; beyond it calls are refused at once with
     /// RESOURCE_EXHAUSTED rather than queued.
     #[arg(long, default_value_t = 256)]
@@ -199,6 +215,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_future_skew: args.max_future_skew,
         shutdown_grace: args.shutdown_grace,
         max_in_flight_per_connection: args.max_in_flight_per_connection,
+        metrics_listen: args.metrics_listen.0,
         ..ServeConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

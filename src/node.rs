@@ -13,6 +13,7 @@ use crate::engine::{Engine, FeedbackApplied, Traced};
 use crate::journal::{
     DecisionEntry, Durability, Entry, FeedbackEntry, Journal, JournalFull, Permit,
 };
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::state::txstore::{Conflict, NotFound};
 
@@ -41,14 +42,21 @@ pub struct Node {
     engine: Arc<Engine>,
     journal: Option<Journal>,
     durability: Durability,
+    metrics: Arc<Metrics>,
 }
 
 impl Node {
-    pub fn new(engine: Arc<Engine>, journal: Option<Journal>, durability: Durability) -> Node {
+    pub fn new(
+        engine: Arc<Engine>,
+        journal: Option<Journal>,
+        durability: Durability,
+        metrics: Arc<Metrics>,
+    ) -> Node {
         Node {
             engine,
             journal,
             durability,
+            metrics,
         }
     }
 
@@ -84,6 +92,10 @@ impl Node {
             .engine
             .score_traced(tx)
             .map_err(|Conflict| NodeError::Conflict)?;
+        if traced.detail.is_some() {
+            let scored = &traced.outcome.scored;
+            self.metrics.decision(scored.decision, scored.score);
+        }
         if let (Some(permit), Some(detail)) = (permit, &traced.detail) {
             let entry = Entry::Decision(Box::new(DecisionEntry {
                 seq: detail.seq,
@@ -111,6 +123,7 @@ impl Node {
             .engine
             .feedback(fb)
             .map_err(|NotFound| NodeError::NotFound)?;
+        self.metrics.feedback(fb.label);
         if let Some(permit) = permit {
             let entry = Entry::Feedback(Box::new(FeedbackEntry {
                 seq: applied.seq,

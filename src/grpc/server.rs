@@ -23,6 +23,7 @@ use super::parse;
 use super::service::ScorerService;
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::{recover, Durability, Journal, JournalConfig, JOURNAL_FILE};
+use crate::metrics::{self, Metrics};
 use crate::model::Model;
 use crate::node::Node;
 use crate::policy::{Policy, PolicyFile};
@@ -64,6 +65,8 @@ pub struct ServeConfig {
     /// Calls one connection may have in progress (queued for a CPU included); beyond it a
     /// call is refused at once with RESOURCE_EXHAUSTED instead of queueing.
     pub max_in_flight_per_connection: usize,
+    /// Where Prometheus scrapes `/metrics` (none: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServeConfig {
@@ -81,6 +84,7 @@ impl Default for ServeConfig {
             journal_retention: Some(Duration::from_secs(90 * 86_400)),
             journal_queue: 65_536,
             max_in_flight_per_connection: 256,
+            metrics_listen: None,
         }
     }
 }
@@ -121,6 +125,23 @@ pub async fn run(
         None => None,
     };
 
+    let metrics = Arc::new(Metrics::new()?);
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            info!(addr = %listener.local_addr().context("reading the metrics address")?, "metrics on /metrics");
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                Arc::clone(&metrics),
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        None => None,
+    };
+
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     parse::warm_up();
@@ -141,6 +162,7 @@ pub async fn run(
     let scorer = FraudScorerServer::new(ScorerService::new(
         Arc::clone(&node_cell),
         config.max_future_skew,
+        Arc::clone(&metrics),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
@@ -169,10 +191,13 @@ pub async fn run(
 
     let loading = config.clone();
     let data_dir = data.as_ref().map(|d| d.path.clone());
-    let started = tokio::task::spawn_blocking(move || start_node(&loading, data_dir.as_deref()))
-        .await
-        .map_err(|e| anyhow::anyhow!("the start-up task panicked: {e}"))
-        .and_then(|r| r);
+    let node_metrics = Arc::clone(&metrics);
+    let started = tokio::task::spawn_blocking(move || {
+        start_node(&loading, data_dir.as_deref(), node_metrics)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the start-up task panicked: {e}"))
+    .and_then(|r| r);
     let node = match started {
         Ok(node) => Arc::new(node),
         Err(e) => {
@@ -181,6 +206,7 @@ pub async fn run(
         }
     };
     let _ = node_cell.set(Arc::clone(&node));
+    metrics.set_node(Arc::clone(&node));
     set_health(&health, ServingStatus::Serving).await;
     info!(%addr, "serving");
 
@@ -230,6 +256,10 @@ pub async fn run(
                 .context("closing the journal")??;
         }
     }
+    let _ = metrics_stop.send(());
+    if let Some(m) = metrics_server {
+        m.await.context("the metrics server task failed")??;
+    }
     info!("stopped");
     Ok(())
 }
@@ -262,10 +292,14 @@ impl DataDir {
 
 /// Loads the model and policy, opens the journal and recovers the state: everything that
 /// must happen before the server says SERVING.
-fn start_node(config: &ServeConfig, data_dir: Option<&Path>) -> anyhow::Result<Node> {
+fn start_node(
+    config: &ServeConfig,
+    data_dir: Option<&Path>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Node> {
     let engine = Arc::new(build_engine(config)?);
     let Some(dir) = data_dir else {
-        return Ok(Node::new(engine, None, config.durability));
+        return Ok(Node::new(engine, None, config.durability, metrics));
     };
     let journal_path = dir.join(JOURNAL_FILE);
     let journal = Journal::open(JournalConfig {
@@ -300,7 +334,7 @@ fn start_node(config: &ServeConfig, data_dir: Option<&Path>) -> anyhow::Result<N
             "replayed decisions whose features differ from the journal's"
         );
     }
-    Ok(Node::new(engine, Some(journal), config.durability))
+    Ok(Node::new(engine, Some(journal), config.durability, metrics))
 }
 
 /// Copies the engine (under its sequencer), waits for the journal to commit what came

@@ -3,15 +3,16 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::parse::{self, FieldError, ParseLimits};
 use crate::domain::{Decision, Label, ScoreOutcome};
 use crate::engine::Traced;
 use crate::features::FEATURES;
+use crate::metrics::Metrics;
 use crate::node::{Node, NodeError};
 use crate::proto::{self, fraud_scorer_server::FraudScorer};
 
@@ -22,14 +23,32 @@ use crate::proto::{self, fraud_scorer_server::FraudScorer};
 pub struct ScorerService {
     node: Arc<OnceLock<Arc<Node>>>,
     max_future_skew: Option<Duration>,
+    metrics: Arc<Metrics>,
 }
 
 impl ScorerService {
-    pub fn new(node: Arc<OnceLock<Arc<Node>>>, max_future_skew: Option<Duration>) -> Self {
+    pub fn new(
+        node: Arc<OnceLock<Arc<Node>>>,
+        max_future_skew: Option<Duration>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         ScorerService {
             node,
             max_future_skew,
+            metrics,
         }
+    }
+
+    /// Records a unary call's outcome and passes it on.
+    fn record<T>(
+        &self,
+        rpc: &'static str,
+        started: Instant,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics.request(rpc, code, started.elapsed());
+        result
     }
 
     fn node(&self) -> Result<&Arc<Node>, Status> {
@@ -162,6 +181,18 @@ async fn score_item(
     }
 }
 
+/// The status code of a stream item's error code.
+fn item_code(code: &str) -> Code {
+    match code {
+        "INVALID_ARGUMENT" => Code::InvalidArgument,
+        "ALREADY_EXISTS" => Code::AlreadyExists,
+        "NOT_FOUND" => Code::NotFound,
+        "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
+        "UNAVAILABLE" => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::ScoreResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -170,13 +201,18 @@ impl FraudScorer for ScorerService {
         &self,
         request: Request<proto::ScoreRequest>,
     ) -> Result<Response<proto::ScoreResponse>, Status> {
-        let node = self.node()?;
-        let req = request.into_inner();
-        let tx = parse::transaction(&req, &self.limits())?;
-        let explain = req.explain;
-        let raw = req.transaction.unwrap_or_default();
-        let traced = node.score(&tx, raw).await.map_err(|e| status(&tx.id, e))?;
-        Ok(Response::new(respond(tx.id, traced, explain)))
+        let started = Instant::now();
+        let result = async {
+            let node = self.node()?;
+            let req = request.into_inner();
+            let tx = parse::transaction(&req, &self.limits())?;
+            let explain = req.explain;
+            let raw = req.transaction.unwrap_or_default();
+            let traced = node.score(&tx, raw).await.map_err(|e| status(&tx.id, e))?;
+            Ok(Response::new(respond(tx.id, traced, explain)))
+        }
+        .await;
+        self.record("Score", started, result)
     }
 
     type ScoreStreamStream = ResponseStream;
@@ -192,9 +228,16 @@ impl FraudScorer for ScorerService {
         let responses = request.into_inner().then(move |item| {
             let node = Arc::clone(&node);
             let limits = service.limits();
+            let metrics = Arc::clone(&service.metrics);
             async move {
+                let started = Instant::now();
                 match item {
-                    Ok(req) => Ok(score_item(&node, req, &limits).await),
+                    Ok(req) => {
+                        let resp = score_item(&node, req, &limits).await;
+                        let code = resp.error.as_ref().map_or(Code::Ok, |e| item_code(&e.code));
+                        metrics.request("ScoreStream", code, started.elapsed());
+                        Ok(resp)
+                    }
                     Err(status) => Err(status),
                 }
             }
@@ -206,21 +249,26 @@ impl FraudScorer for ScorerService {
         &self,
         request: Request<proto::ReportFeedbackRequest>,
     ) -> Result<Response<proto::ReportFeedbackResponse>, Status> {
-        let node = self.node()?;
-        let raw = request.into_inner();
-        let fb = parse::feedback(&raw)?;
-        let applied = node
-            .feedback(&fb, raw)
-            .await
-            .map_err(|e| status(&fb.transaction_id, e))?;
-        Ok(Response::new(proto::ReportFeedbackResponse {
-            transaction_id: fb.transaction_id,
-            applied: applied.outcome.applied,
-            previous_label: match applied.outcome.previous {
-                None => proto::Label::Unspecified,
-                Some(Label::Fraud) => proto::Label::Fraud,
-                Some(Label::Legitimate) => proto::Label::Legitimate,
-            } as i32,
-        }))
+        let started = Instant::now();
+        let result = async {
+            let node = self.node()?;
+            let raw = request.into_inner();
+            let fb = parse::feedback(&raw)?;
+            let applied = node
+                .feedback(&fb, raw)
+                .await
+                .map_err(|e| status(&fb.transaction_id, e))?;
+            Ok(Response::new(proto::ReportFeedbackResponse {
+                transaction_id: fb.transaction_id,
+                applied: applied.outcome.applied,
+                previous_label: match applied.outcome.previous {
+                    None => proto::Label::Unspecified,
+                    Some(Label::Fraud) => proto::Label::Fraud,
+                    Some(Label::Legitimate) => proto::Label::Legitimate,
+                } as i32,
+            }))
+        }
+        .await;
+        self.record("ReportFeedback", started, result)
     }
 }

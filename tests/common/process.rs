@@ -28,8 +28,15 @@ impl ServerProcess {
     /// Starts `fraudgate serve` on a free port with `args` and waits until it is SERVING.
     pub async fn start(args: &[&str]) -> ServerProcess {
         let port = free_port();
+        // Tests run side by side: metrics on a port of their own unless a test picks one.
+        let metrics: &[&str] = if args.contains(&"--metrics-listen") {
+            &[]
+        } else {
+            &["--metrics-listen", "127.0.0.1:0"]
+        };
         let child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(metrics)
             .args(args)
             .stderr(Stdio::piped())
             .spawn()

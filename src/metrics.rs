@@ -1,0 +1,241 @@
+//! What fraudgate exports to Prometheus, and the HTTP endpoint that serves it
+//! (`--metrics-listen`, path `/metrics`, Prometheus text format from the `prometheus` crate).
+//!
+//! Shared as `Arc<Metrics>` by the gRPC service and the node. Recording is a label lookup and
+//! an atomic add (no allocation once a series exists); gauges that describe the engine
+//! (entities, tracked transactions, journal backlog) are read at scrape time instead of
+//! being maintained on the hot path.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus::{
+    exponential_buckets, linear_buckets, Encoder, Histogram, HistogramOpts, HistogramVec,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+
+use crate::domain::{Decision, Label};
+use crate::node::Node;
+
+/// The registry and every metric in it.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    decisions: IntCounterVec,
+    scores: Histogram,
+    feedback: IntCounterVec,
+    model: IntGaugeVec,
+    entities: IntGaugeVec,
+    tracked: IntGauge,
+    journal_backlog: IntGauge,
+    /// The node, once started: the source of the scrape-time gauges.
+    node: OnceLock<Arc<Node>>,
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Metrics> {
+        let registry = Registry::new_custom(Some("fraudgate".into()), None)
+            .context("creating the metrics registry")?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Calls answered, by RPC and gRPC status code (stream items count one each)",
+            ),
+            &["rpc", "code"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from the call reaching the service to its answer, by RPC",
+            )
+            .buckets(exponential_buckets(0.000_01, 2.0, 18)?),
+            &["rpc"],
+        )?;
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "decisions_total",
+                "Fresh decisions (not replayed answers), by outcome",
+            ),
+            &["decision"],
+        )?;
+        let scores = Histogram::with_opts(
+            HistogramOpts::new("score", "Risk scores of fresh decisions")
+                .buckets(linear_buckets(0.05, 0.05, 19)?),
+        )?;
+        let feedback = IntCounterVec::new(
+            Opts::new("feedback_total", "Feedback accepted, by label"),
+            &["label"],
+        )?;
+        let model = IntGaugeVec::new(
+            Opts::new("model_info", "The model serving, by version (value 1)"),
+            &["version"],
+        )?;
+        let entities = IntGaugeVec::new(
+            Opts::new("tracked_entities", "Entities with state in memory, by kind"),
+            &["kind"],
+        )?;
+        let tracked = IntGauge::new(
+            "tracked_transactions",
+            "Transactions remembered for retries and feedback",
+        )?;
+        let journal_backlog = IntGauge::new(
+            "journal_backlog",
+            "Journal entries waiting for the writer (0 without a journal)",
+        )?;
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(decisions.clone()),
+            Box::new(scores.clone()),
+            Box::new(feedback.clone()),
+            Box::new(model.clone()),
+            Box::new(entities.clone()),
+            Box::new(tracked.clone()),
+            Box::new(journal_backlog.clone()),
+        ] {
+            registry.register(c).context("registering a metric")?;
+        }
+        Ok(Metrics {
+            registry,
+            requests,
+            latency,
+            decisions,
+            scores,
+            feedback,
+            model,
+            entities,
+            tracked,
+            journal_backlog,
+            node: OnceLock::new(),
+        })
+    }
+
+    /// Connects the scrape-time gauges to the running node.
+    pub fn set_node(&self, node: Arc<Node>) {
+        self.model
+            .with_label_values(&[&*node.engine().model().version])
+            .set(1);
+        let _ = self.node.set(node);
+    }
+
+    /// One answered call.
+    pub fn request(&self, rpc: &'static str, code: tonic::Code, took: Duration) {
+        self.requests
+            .with_label_values(&[rpc, code_name(code)])
+            .inc();
+        self.latency
+            .with_label_values(&[rpc])
+            .observe(took.as_secs_f64());
+    }
+
+    /// One fresh decision.
+    pub fn decision(&self, decision: Decision, score: f64) {
+        let decision = match decision {
+            Decision::Allow => "allow",
+            Decision::Review => "review",
+            Decision::Deny => "deny",
+        };
+        self.decisions.with_label_values(&[decision]).inc();
+        self.scores.observe(score);
+    }
+
+    /// One accepted feedback.
+    pub fn feedback(&self, label: Label) {
+        let label = match label {
+            Label::Fraud => "fraud",
+            Label::Legitimate => "legitimate",
+        };
+        self.feedback.with_label_values(&[label]).inc();
+    }
+
+    /// The exposition, with the scrape-time gauges read now.
+    pub fn render(&self) -> anyhow::Result<String> {
+        if let Some(node) = self.node.get() {
+            let counts = node.engine().entity_counts();
+            for (kind, n) in [
+                ("account", counts.accounts),
+                ("merchant", counts.merchants),
+                ("device", counts.devices),
+                ("ip", counts.ips),
+            ] {
+                self.entities.with_label_values(&[kind]).set(n as i64);
+            }
+            self.tracked
+                .set(node.engine().tracked_transactions() as i64);
+            self.journal_backlog
+                .set(node.journal().map_or(0, |j| j.backlog()) as i64);
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .context("encoding metrics")?;
+        String::from_utf8(out).context("metrics text is not UTF-8")
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                match metrics.render() {
+                    Ok(text) => (
+                        axum::http::StatusCode::OK,
+                        [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+                        text,
+                    ),
+                    Err(e) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        format!("{e:#}"),
+                    ),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving /metrics")
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))
+}
