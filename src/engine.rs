@@ -302,6 +302,11 @@ impl Engine {
         self.model.load_full()
     }
 
+    /// Replaces the policy; requests already scoring finish with the one they loaded.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.load_full()
     }

@@ -214,6 +214,10 @@ pub async fn run(
         Arc::clone(node.engine()),
         config.evict_every,
     ));
+    let reloader = config
+        .policy
+        .clone()
+        .map(|path| tokio::spawn(super::reload::watch(Arc::clone(node.engine()), path)));
     let snapshotter = data.as_ref().map(|d| {
         tokio::spawn(snapshot_periodically(
             Arc::clone(&node),
@@ -228,8 +232,8 @@ pub async fn run(
         result = &mut server => Some(result),
     };
     evictor.abort();
-    if let Some(s) = &snapshotter {
-        s.abort();
+    for task in [&snapshotter, &reloader].into_iter().flatten() {
+        task.abort();
     }
     if let Some(result) = early {
         result.context("the server task failed")??;
