@@ -3,7 +3,7 @@
 //! a logged error and the policy in force stays; a good one replaces it atomically (requests
 //! see the old policy or the new one, never a mix).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,12 +15,12 @@ use crate::policy::Policy;
 /// How often the file's modification time is checked.
 const POLL: Duration = Duration::from_secs(1);
 
-fn modified(path: &PathBuf) -> Option<SystemTime> {
+fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Reads `path` and swaps it in; logs and keeps the old policy if it is bad.
-fn reload(engine: &Engine, path: &PathBuf, why: &str) {
+fn reload(engine: &Engine, path: &Path, why: &str) {
     let thresholds = engine.model().meta.thresholds;
     match Policy::load(path, thresholds) {
         Ok(policy) => {
