@@ -89,6 +89,10 @@ struct ServeArgs {
     /// Journal rows older than this are deleted ("off" keeps everything).
     #[arg(long, value_parser = retention, default_value = "90d")]
     journal_retention: Retention,
+    /// File of bearer tokens (one per line) that calls to the scoring service must carry;
+    /// or set FRAUDGATE_TOKENS (comma-separated). Default: no authentication.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Where Prometheus scrapes `/metrics` ("off": not served).
     #[arg(long, value_parser = metrics_addr, default_value = "127.0.0.1:9464")]
     metrics_listen: MetricsAddr,
@@ -216,6 +220,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         max_in_flight_per_connection: args.max_in_flight_per_connection,
         metrics_listen: args.metrics_listen.0,
+        tokens: match (&args.token_file, std::env::var("FRAUDGATE_TOKENS")) {
+            (Some(path), _) => Some(fraudgate::grpc::auth::Tokens::from_file(path)?),
+            (None, Ok(list)) => {
+                Some(fraudgate::grpc::auth::Tokens::parse(&list).context("FRAUDGATE_TOKENS")?)
+            }
+            (None, Err(_)) => None,
+        },
         ..ServeConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -19,6 +19,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use super::auth::Tokens;
 use super::parse;
 use super::service::ScorerService;
 use crate::engine::{Engine, EngineConfig};
@@ -67,6 +68,8 @@ pub struct ServeConfig {
     pub max_in_flight_per_connection: usize,
     /// Where Prometheus scrapes `/metrics` (none: not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// Bearer tokens the scoring service requires (none: open).
+    pub tokens: Option<Tokens>,
 }
 
 impl Default for ServeConfig {
@@ -85,6 +88,7 @@ impl Default for ServeConfig {
             journal_queue: 65_536,
             max_in_flight_per_connection: 256,
             metrics_listen: None,
+            tokens: None,
         }
     }
 }
@@ -165,6 +169,14 @@ pub async fn run(
         Arc::clone(&metrics),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // Without tokens every call is admitted; the interceptor is there either way so the
+    // service has one type.
+    let tokens = config.tokens.clone();
+    let scorer =
+        tonic::service::interceptor::InterceptedService::new(scorer, move |req| match &tokens {
+            Some(t) => t.check(req),
+            None => Ok(req),
+        });
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(

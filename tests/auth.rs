@@ -1,0 +1,63 @@
+//! Bearer tokens: the scoring service refuses calls without an accepted token; health and
+//! reflection stay open.
+
+mod common;
+
+use common::{req, tx, TestServer};
+use fraudgate::grpc::auth::Tokens;
+use fraudgate::grpc::server::ServeConfig;
+use tonic::Code;
+
+const TOKEN: &str = "test-token-0123456789";
+
+fn with_token(
+    token: &str,
+    r: fraudgate::proto::ScoreRequest,
+) -> tonic::Request<fraudgate::proto::ScoreRequest> {
+    let mut r = tonic::Request::new(r);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn calls_need_an_accepted_bearer_token_and_health_stays_open() {
+    let server = TestServer::start_with(ServeConfig {
+        tokens: Some(Tokens::parse(&format!("{TOKEN}\nother-token-0123456789")).unwrap()),
+        ..ServeConfig::default()
+    })
+    .await;
+    let mut client = server.client().await;
+
+    let none = client
+        .score(req(tx("t-1", "a", "m", 100, 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated, "{none:?}");
+    let wrong = client
+        .score(with_token(
+            "wrong-token-0123456789",
+            req(tx("t-1", "a", "m", 100, 0)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong:?}");
+    let ok = client
+        .score(with_token(TOKEN, req(tx("t-1", "a", "m", 100, 0))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ok.replayed, "the refused calls scored nothing");
+
+    // Health answers without a token (TestServer::start_with waited on it too).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "fraudgate.v1.FraudScorer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, 1);
+}
