@@ -17,17 +17,21 @@ async fn shuts_down_cleanly_on(signal: &str) {
     assert!(status.success(), "exit {status}: {log}");
     assert!(log.contains("stopped"), "{log}");
     assert!(
+        !log.contains("did not finish"),
+        "an idle connection held the shutdown: {log}"
+    );
+    assert!(
         std::net::TcpStream::connect(("127.0.0.1", server.port)).is_err(),
         "the port is released"
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_shuts_down_cleanly_on_sigterm() {
     shuts_down_cleanly_on("-TERM").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_shuts_down_cleanly_on_sigint() {
     shuts_down_cleanly_on("-INT").await;
 }
@@ -162,4 +166,23 @@ fn train_names_the_line_of_a_bad_row() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 3") && err.contains("amount"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let mut server = ServerProcess::start(&["--ephemeral", "--log-format", "json"]).await;
+    server.signal("-TERM");
+    let (status, log) = server.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("did not finish"), "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
 }

@@ -96,7 +96,9 @@ impl ServerProcess {
         assert!(status.success(), "kill {signal} failed");
     }
 
-    /// Waits for the process to exit; returns its status and everything it logged.
+    /// Waits for the process to exit; returns its status and everything it logged. Blocks
+    /// the thread: call it from a multi-thread runtime, or this test's own client connections
+    /// go unpolled and hold the server's graceful shutdown until its grace period ends.
     pub fn wait_exit(&mut self, limit: Duration) -> (ExitStatus, String) {
         let start = Instant::now();
         let status = loop {
