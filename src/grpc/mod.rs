@@ -1,6 +1,7 @@
 //! The gRPC door: tonic services, and the conversion between protobuf and domain types.
 
 pub mod auth;
+pub mod lifecycle;
 pub mod parse;
 pub mod reload;
 pub mod server;
