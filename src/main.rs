@@ -42,6 +42,12 @@ enum Command {
     Train(TrainArgs),
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Enforce,
+    Shadow,
+}
+
 /// The metrics address, or none.
 #[derive(Debug, Clone, Copy)]
 struct MetricsAddr(Option<SocketAddr>);
@@ -103,6 +109,10 @@ struct ServeArgs {
     /// or set FRAUDGATE_TOKENS (comma-separated). Default: no authentication.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// `enforce` answers the decisions; `shadow` scores, journals and counts them as usual
+    /// but answers ALLOW to every payment (for trying fraudgate beside a live system).
+    #[arg(long, value_enum, default_value = "enforce")]
+    mode: Mode,
     /// Where Prometheus scrapes `/metrics` ("off": not served).
     #[arg(long, value_parser = metrics_addr, default_value = "127.0.0.1:9464")]
     metrics_listen: MetricsAddr,
@@ -230,6 +240,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         max_in_flight_per_connection: args.max_in_flight_per_connection,
         metrics_listen: args.metrics_listen.0,
+        shadow: args.mode == Mode::Shadow,
         tokens: match (&args.token_file, std::env::var("FRAUDGATE_TOKENS")) {
             (Some(path), _) => Some(fraudgate::grpc::auth::Tokens::from_file(path)?),
             (None, Ok(list)) => {

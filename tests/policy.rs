@@ -172,3 +172,35 @@ fn invalid_policies_are_refused_with_the_reason() {
         assert!(err.contains(expect), "{text}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_answers_allow_and_journals_the_real_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, "[blocklist]\naccounts = [\"acct-bad\"]\n").unwrap();
+    let server = TestServer::start_with(ServeConfig {
+        policy: Some(path),
+        data_dir: Some(dir.path().join("data")),
+        durability: fraudgate::journal::Durability::Sync,
+        shadow: true,
+        ..ServeConfig::default()
+    })
+    .await;
+    let mut client = server.client().await;
+    let r = client
+        .score(req(tx("sh-1", "acct-bad", "m", 1_000, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.decision, Decision::Allow as i32);
+    assert!(reason(&r, "RULE_BLOCKLIST_ACCOUNT").is_some(), "{r:?}");
+    let journaled: String = rusqlite::Connection::open(dir.path().join("data/journal.db"))
+        .unwrap()
+        .query_row(
+            "SELECT decision FROM decisions WHERE transaction_id = 'sh-1'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(journaled, "DENY");
+}

@@ -70,6 +70,8 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer tokens the scoring service requires (none: open).
     pub tokens: Option<Tokens>,
+    /// Shadow mode: score and journal as usual, but answer ALLOW to every payment.
+    pub shadow: bool,
 }
 
 impl Default for ServeConfig {
@@ -89,6 +91,7 @@ impl Default for ServeConfig {
             max_in_flight_per_connection: 256,
             metrics_listen: None,
             tokens: None,
+            shadow: false,
         }
     }
 }
@@ -167,6 +170,7 @@ pub async fn run(
         Arc::clone(&node_cell),
         config.max_future_skew,
         Arc::clone(&metrics),
+        config.shadow,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     // Without tokens every call is admitted; the interceptor is there either way so the

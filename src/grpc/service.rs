@@ -24,6 +24,8 @@ pub struct ScorerService {
     node: Arc<OnceLock<Arc<Node>>>,
     max_future_skew: Option<Duration>,
     metrics: Arc<Metrics>,
+    /// Shadow mode: every answer says ALLOW; the real decision is journaled and counted.
+    shadow: bool,
 }
 
 impl ScorerService {
@@ -31,11 +33,13 @@ impl ScorerService {
         node: Arc<OnceLock<Arc<Node>>>,
         max_future_skew: Option<Duration>,
         metrics: Arc<Metrics>,
+        shadow: bool,
     ) -> Self {
         ScorerService {
             node,
             max_future_skew,
             metrics,
+            shadow,
         }
     }
 
@@ -118,8 +122,18 @@ pub fn to_proto(transaction_id: String, outcome: &ScoreOutcome) -> proto::ScoreR
 }
 
 /// The response for a traced score, with the features when `explain` was asked for.
-fn respond(transaction_id: String, traced: Traced, explain: bool) -> proto::ScoreResponse {
+fn respond(
+    transaction_id: String,
+    traced: Traced,
+    explain: bool,
+    shadow: bool,
+) -> proto::ScoreResponse {
     let mut resp = to_proto(transaction_id, &traced.outcome);
+    if shadow {
+        // The score and reasons still say what the engine found; only the instruction to
+        // the payment service is overridden.
+        resp.decision = proto::Decision::Allow as i32;
+    }
     if let (true, Some(detail)) = (explain, traced.detail) {
         resp.features = FEATURES
             .iter()
@@ -144,6 +158,7 @@ async fn score_item(
     node: &Node,
     req: proto::ScoreRequest,
     limits: &ParseLimits,
+    shadow: bool,
 ) -> proto::ScoreResponse {
     let id = req
         .transaction
@@ -168,7 +183,7 @@ async fn score_item(
     let explain = req.explain;
     let raw = req.transaction.unwrap_or_default();
     match node.score(&tx, raw).await {
-        Ok(traced) => respond(tx.id, traced, explain),
+        Ok(traced) => respond(tx.id, traced, explain, shadow),
         Err(e) => {
             let (code, field) = match e {
                 NodeError::Conflict => ("ALREADY_EXISTS", "transaction.transaction_id"),
@@ -209,7 +224,7 @@ impl FraudScorer for ScorerService {
             let explain = req.explain;
             let raw = req.transaction.unwrap_or_default();
             let traced = node.score(&tx, raw).await.map_err(|e| status(&tx.id, e))?;
-            Ok(Response::new(respond(tx.id, traced, explain)))
+            Ok(Response::new(respond(tx.id, traced, explain, self.shadow)))
         }
         .await;
         self.record("Score", started, result)
@@ -233,7 +248,7 @@ impl FraudScorer for ScorerService {
                 let started = Instant::now();
                 match item {
                     Ok(req) => {
-                        let resp = score_item(&node, req, &limits).await;
+                        let resp = score_item(&node, req, &limits, service.shadow).await;
                         let code = resp.error.as_ref().map_or(Code::Ok, |e| item_code(&e.code));
                         metrics.request("ScoreStream", code, started.elapsed());
                         Ok(resp)
