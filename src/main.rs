@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fraudgate::engine::EngineConfig;
 use fraudgate::grpc::server::{self, ModelSource, ServeConfig};
+use fraudgate::grpc::tls::TlsFiles;
 use fraudgate::journal::Durability;
 use fraudgate::model::forest::ForestParams;
 use fraudgate::model::hst::HstParams;
@@ -127,6 +128,15 @@ struct ServeArgs {
     /// any valid time, as replays of history need).
     #[arg(long, value_parser = duration)]
     max_future_skew: Option<Duration>,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// How long in-flight calls may run after SIGTERM or Ctrl-C.
     #[arg(long, value_parser = duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -241,6 +251,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_in_flight_per_connection: args.max_in_flight_per_connection,
         metrics_listen: args.metrics_listen.0,
         shadow: args.mode == Mode::Shadow,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
+            _ => None,
+        },
         tokens: match (&args.token_file, std::env::var("FRAUDGATE_TOKENS")) {
             (Some(path), _) => Some(fraudgate::grpc::auth::Tokens::from_file(path)?),
             (None, Ok(list)) => {

@@ -6,3 +6,4 @@ pub mod parse;
 pub mod reload;
 pub mod server;
 pub mod service;
+pub mod tls;

@@ -23,6 +23,7 @@ use super::auth::Tokens;
 use super::lifecycle::{snapshot_periodically, start_node, write_snapshot, DataDir};
 use super::parse;
 use super::service::ScorerService;
+use super::tls::TlsFiles;
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::Durability;
 use crate::metrics::{self, Metrics};
@@ -72,6 +73,8 @@ pub struct ServeConfig {
     pub tokens: Option<Tokens>,
     /// Shadow mode: score and journal as usual, but answer ALLOW to every payment.
     pub shadow: bool,
+    /// TLS (and mutual TLS) on the gRPC port (none: plaintext).
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ServeConfig {
@@ -92,6 +95,7 @@ impl Default for ServeConfig {
             metrics_listen: None,
             tokens: None,
             shadow: false,
+            tls: None,
         }
     }
 }
@@ -182,9 +186,16 @@ pub async fn run(
             None => Ok(req),
         });
 
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.load()?)
+            .context("configuring TLS from --tls-cert / --tls-key / --tls-client-ca")?;
+        info!(mutual = tls.client_ca.is_some(), "TLS on the gRPC port");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        Server::builder()
+        builder
             // Counted from the moment a call arrives, so calls waiting for a CPU count too:
             // under overload the excess is refused at once and the rest keep a bounded
             // latency. Per connection, so health probes (their own connection) still answer.

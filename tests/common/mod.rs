@@ -10,13 +10,15 @@ use fraudgate::grpc::server::{self, ServeConfig};
 use fraudgate::proto::{self, fraud_scorer_client::FraudScorerClient};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 /// A running server; stopped (gracefully) when dropped or by [`TestServer::stop`].
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// How clients reach a TLS server (none: plaintext).
+    pub client_tls: Option<ClientTlsConfig>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -28,6 +30,11 @@ impl TestServer {
     }
 
     pub async fn start_with(config: ServeConfig) -> TestServer {
+        TestServer::start_tls(config, None).await
+    }
+
+    /// Starts a server whose clients connect with `client_tls`.
+    pub async fn start_tls(config: ServeConfig, client_tls: Option<ClientTlsConfig>) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -38,6 +45,7 @@ impl TestServer {
         }));
         let server = TestServer {
             addr,
+            client_tls,
             stop: Some(stop),
             task: Some(task),
         };
@@ -46,15 +54,22 @@ impl TestServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.client_tls {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
+        self.try_channel().await.expect("connect")
+    }
+
+    pub async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
+        let mut endpoint = Channel::from_shared(self.url()).expect("url");
+        if let Some(tls) = &self.client_tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        endpoint.connect().await
     }
 
     pub async fn client(&self) -> FraudScorerClient<Channel> {
@@ -63,7 +78,11 @@ impl TestServer {
 
     /// Health status of `service` ("" for the whole server).
     pub async fn health(&self, service: &str) -> Result<i32, tonic::Status> {
-        let mut health = HealthClient::new(self.channel().await);
+        let channel = self
+            .try_channel()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut health = HealthClient::new(channel);
         health
             .check(HealthCheckRequest {
                 service: service.into(),

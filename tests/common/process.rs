@@ -27,6 +27,13 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `fraudgate serve` on a free port with `args` and waits until it is SERVING.
     pub async fn start(args: &[&str]) -> ServerProcess {
+        let server = ServerProcess::spawn(args);
+        server.wait_serving().await;
+        server
+    }
+
+    /// Starts `fraudgate serve` on a free port with `args` without waiting for it.
+    pub fn spawn(args: &[&str]) -> ServerProcess {
         let port = free_port();
         // Tests run side by side: metrics on a port of their own unless a test picks one.
         let metrics: &[&str] = if args.contains(&"--metrics-listen") {
@@ -41,9 +48,7 @@ impl ServerProcess {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let server = ServerProcess { child, port };
-        server.wait_serving().await;
-        server
+        ServerProcess { child, port }
     }
 
     /// Starts a server keeping its files in `dir`.
