@@ -22,7 +22,10 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Feedback, FeedbackOutcome, Label, ScoreOutcome, Scored, Transaction};
+use crate::breaker::{BreakerStatus, DeclineBreaker, Verdict};
+use crate::domain::{
+    Decision, Feedback, FeedbackOutcome, Label, Reason, ScoreOutcome, Scored, Transaction,
+};
 use crate::features::{self, FeatureVector};
 use crate::model::hst::HstMass;
 use crate::model::{Model, Prediction};
@@ -101,6 +104,7 @@ pub struct Engine {
     txs: TxStore,
     model: ArcSwap<Model>,
     policy: ArcSwap<Policy>,
+    breaker: DeclineBreaker,
     /// The last sequence number handed out.
     sequencer: Mutex<u64>,
 }
@@ -112,6 +116,7 @@ impl Engine {
             txs: TxStore::new(config.max_tracked_transactions),
             model: ArcSwap::from_pointee(model),
             policy: ArcSwap::from_pointee(policy),
+            breaker: DeclineBreaker::default(),
             sequencer: Mutex::new(0),
         }
     }
@@ -138,13 +143,22 @@ impl Engine {
             };
             let prediction = model.classify(&features, anomaly_mass);
             let policy = self.policy.load();
-            let (decision, reasons) = policy.decide(
+            let (mut decision, mut reasons) = policy.decide(
                 tx,
                 &snapshot,
                 &features,
                 &prediction,
                 model.meta.anomaly_weight,
             );
+            if let Some(settings) = &policy.breaker {
+                let denied = decision == Decision::Deny;
+                if let Verdict::Downgrade(share) =
+                    self.breaker.record(settings, tx.event_time, denied)
+                {
+                    decision = Decision::Review;
+                    reasons.insert(0, breaker_reason(share));
+                }
+            }
             detail = Some(Detail {
                 seq,
                 features,
@@ -164,6 +178,11 @@ impl Engine {
             outcome: ScoreOutcome { scored, replayed },
             detail,
         })
+    }
+
+    /// The decline circuit breaker's state.
+    pub fn breaker_status(&self) -> BreakerStatus {
+        self.breaker.status()
     }
 
     /// Applies a label to a scored transaction: the fraud counts of its account, merchant,
@@ -317,5 +336,16 @@ impl Engine {
 
     pub fn tracked_transactions(&self) -> usize {
         self.txs.len()
+    }
+}
+
+/// First reason of a denial the breaker downgraded; `value` is the window's share of denials.
+fn breaker_reason(share: f64) -> Reason {
+    Reason {
+        code: "DECLINE_BREAKER",
+        feature: "deny_share",
+        value: share,
+        contribution: 0.0,
+        text: "denials are above the policy's ceiling for the window: downgraded to review",
     }
 }

@@ -5,6 +5,7 @@
 //! event-time [`state`], [`features`] turns that into one fixed-order vector, the [`model`]
 //! scores it, and [`policy`] turns the score into a decision with reasons.
 
+pub mod breaker;
 pub mod dataset;
 pub mod domain;
 pub mod engine;

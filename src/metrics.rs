@@ -11,9 +11,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use parking_lot::Mutex;
 use prometheus::{
-    exponential_buckets, linear_buckets, Encoder, Histogram, HistogramOpts, HistogramVec,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, linear_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -33,6 +34,13 @@ pub struct Metrics {
     entities: IntGaugeVec,
     tracked: IntGauge,
     journal_backlog: IntGauge,
+    breaker_open: IntGauge,
+    breaker_share: Gauge,
+    breaker_trips: IntCounter,
+    breaker_downgrades: IntCounter,
+    /// Held while scrape-time values are copied in, so two scrapes do not both add the same
+    /// increase to a counter.
+    scrape: Mutex<()>,
     /// The node, once started: the source of the scrape-time gauges.
     node: OnceLock<Arc<Node>>,
 }
@@ -87,6 +95,22 @@ impl Metrics {
             "journal_backlog",
             "Journal entries waiting for the writer (0 without a journal)",
         )?;
+        let breaker_open = IntGauge::new(
+            "decline_breaker_open",
+            "1 while the decline circuit breaker downgrades denials to review",
+        )?;
+        let breaker_share = Gauge::new(
+            "decline_breaker_deny_share",
+            "Share of the breaker's window that the policy denied (0 without a breaker)",
+        )?;
+        let breaker_trips = IntCounter::new(
+            "decline_breaker_trips_total",
+            "Times the decline circuit breaker opened",
+        )?;
+        let breaker_downgrades = IntCounter::new(
+            "decline_breaker_downgrades_total",
+            "Denials the decline circuit breaker downgraded to review",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -97,6 +121,10 @@ impl Metrics {
             Box::new(entities.clone()),
             Box::new(tracked.clone()),
             Box::new(journal_backlog.clone()),
+            Box::new(breaker_open.clone()),
+            Box::new(breaker_share.clone()),
+            Box::new(breaker_trips.clone()),
+            Box::new(breaker_downgrades.clone()),
         ] {
             registry.register(c).context("registering a metric")?;
         }
@@ -111,6 +139,11 @@ impl Metrics {
             entities,
             tracked,
             journal_backlog,
+            breaker_open,
+            breaker_share,
+            breaker_trips,
+            breaker_downgrades,
+            scrape: Mutex::new(()),
             node: OnceLock::new(),
         })
     }
@@ -155,6 +188,7 @@ impl Metrics {
 
     /// The exposition, with the scrape-time gauges read now.
     pub fn render(&self) -> anyhow::Result<String> {
+        let _scrape = self.scrape.lock();
         if let Some(node) = self.node.get() {
             let counts = node.engine().entity_counts();
             for (kind, n) in [
@@ -169,6 +203,11 @@ impl Metrics {
                 .set(node.engine().tracked_transactions() as i64);
             self.journal_backlog
                 .set(node.journal().map_or(0, |j| j.backlog()) as i64);
+            let breaker = node.engine().breaker_status();
+            self.breaker_open.set(i64::from(breaker.open));
+            self.breaker_share.set(breaker.deny_share);
+            catch_up(&self.breaker_trips, breaker.trips);
+            catch_up(&self.breaker_downgrades, breaker.downgrades);
         }
         let mut out = Vec::new();
         TextEncoder::new()
@@ -176,6 +215,11 @@ impl Metrics {
             .context("encoding metrics")?;
         String::from_utf8(out).context("metrics text is not UTF-8")
     }
+}
+
+/// Raises `counter` to `total`, a count kept elsewhere.
+fn catch_up(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 fn code_name(code: tonic::Code) -> &'static str {

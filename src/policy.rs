@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::breaker::{BreakerFile, BreakerSettings};
 use crate::domain::{Decision, Reason, Transaction};
 use crate::features::{FeatureVector, FEATURES, N_FEATURES};
 use crate::ids::{entity_key, ip_key, EntityKey, EntityKind};
@@ -27,6 +28,8 @@ pub struct PolicyFile {
     pub limits: Limits,
     #[serde(default)]
     pub reasons: ReasonSettings,
+    /// The decline circuit breaker (off when absent).
+    pub decline_breaker: Option<BreakerFile>,
 }
 
 /// Ids that are always denied.
@@ -122,6 +125,7 @@ pub struct Policy {
     max_per_hour: Option<u32>,
     velocity_action: RuleAction,
     reasons: ReasonSettings,
+    pub breaker: Option<BreakerSettings>,
 }
 
 /// Reason code and text of each block list, in `Policy::blocked` order.
@@ -180,6 +184,11 @@ impl Policy {
             max_per_hour: file.limits.max_account_payments_per_hour,
             velocity_action: file.limits.velocity_action,
             reasons: file.reasons,
+            breaker: file
+                .decline_breaker
+                .as_ref()
+                .map(BreakerSettings::from_file)
+                .transpose()?,
         })
     }
 

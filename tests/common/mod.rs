@@ -3,6 +3,7 @@
 
 pub mod process;
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -193,4 +194,26 @@ pub fn legit(id: &str) -> proto::ReportFeedbackRequest {
 /// The value of `feature` in the reasons of `resp`, if it is among them.
 pub fn reason<'a>(resp: &'a proto::ScoreResponse, code: &str) -> Option<&'a proto::Reason> {
     resp.reasons.iter().find(|r| r.code == code)
+}
+
+/// The body of `GET /metrics` at `addr`.
+pub fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of `series` (name and labels) in a scrape.
+pub fn metric_value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{body}"))
 }
