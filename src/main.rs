@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use fraudgate::config;
 use fraudgate::engine::EngineConfig;
 use fraudgate::grpc::server::{self, ModelSource, ServeConfig};
 use fraudgate::grpc::tls::TlsFiles;
@@ -36,11 +37,25 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the FraudScorer gRPC API (with health and reflection).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a simulated, labelled payment stream as CSV.
     Simulate(SimulateArgs),
     /// Train a model directory from a labelled CSV.
     Train(TrainArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check a config file as `serve --config FILE` would use it here (environment
+    /// included): every setting parses, and the model, policy, tokens and certificates it
+    /// names load. Prints each setting and where it came from; starts nothing.
+    Check {
+        /// The TOML file: flag names of `serve` as keys, e.g. `listen = "0.0.0.0:50051"`.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -79,6 +94,11 @@ fn duration(text: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// TOML file of settings (keys are these flags' names, e.g. `data-dir = "/var/lib/fg"`).
+    /// Every flag can also come from `FRAUDGATE_<NAME>` (e.g. FRAUDGATE_DATA_DIR); a flag
+    /// beats the environment, which beats the file.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -235,11 +255,15 @@ async fn shutdown_signal() {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = ServeConfig {
-        model: args.model.map_or(ModelSource::Embedded, ModelSource::Dir),
-        policy: args.policy,
-        data_dir: (!args.ephemeral).then_some(args.data_dir),
+/// What `serve` runs with, the token list read.
+fn serve_config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
+    Ok(ServeConfig {
+        model: args
+            .model
+            .clone()
+            .map_or(ModelSource::Embedded, ModelSource::Dir),
+        policy: args.policy.clone(),
+        data_dir: (!args.ephemeral).then(|| args.data_dir.clone()),
         durability: args.durability.unwrap_or_default(),
         snapshot_every: args.snapshot_interval,
         journal_retention: args.journal_retention.0,
@@ -251,11 +275,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_in_flight_per_connection: args.max_in_flight_per_connection,
         metrics_listen: args.metrics_listen.0,
         shadow: args.mode == Mode::Shadow,
-        tls: match (args.tls_cert, args.tls_key) {
+        tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
-                cert,
-                key,
-                client_ca: args.tls_client_ca,
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
             }),
             _ => None,
         },
@@ -267,7 +291,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             (None, Err(_)) => None,
         },
         ..ServeConfig::default()
-    };
+    })
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = serve_config(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -356,8 +384,84 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The command line with the environment and the config file applied, and the ids of the
+/// settings the file gave.
+fn parse(argv: Vec<std::ffi::OsString>) -> Result<(Cli, ArgMatches, Vec<String>), anyhow::Error> {
+    let cmd = config::with_env(Cli::command(), "serve");
+    let matches = cmd.clone().try_get_matches_from(&argv)?;
+    let (matches, from_file) = match matches.subcommand() {
+        Some(("serve", serve)) => match serve.get_one::<PathBuf>("config") {
+            Some(path) => {
+                let file = config::file_args(&cmd, "serve", serve, path)?;
+                let argv = argv.into_iter().chain(file.args);
+                let matches = cmd
+                    .try_get_matches_from(argv)
+                    .with_context(|| format!("a setting in the config file {}", path.display()))?;
+                (matches, file.ids)
+            }
+            None => (matches, Vec::new()),
+        },
+        _ => (matches, Vec::new()),
+    };
+    Ok((Cli::from_arg_matches(&matches)?, matches, from_file))
+}
+
+/// `fraudgate config check FILE`.
+fn check_config(file: PathBuf) -> anyhow::Result<()> {
+    let argv = [
+        "fraudgate".into(),
+        "serve".into(),
+        "--config".into(),
+        file.clone().into_os_string(),
+    ];
+    let (cli, matches, from_file) = parse(argv.to_vec())?;
+    let Command::Serve(args) = cli.command else {
+        anyhow::bail!("parsed as another command");
+    };
+    let config = serve_config(&args)?;
+    if let Some(tls) = &config.tls {
+        tls.load()?;
+    }
+    server::build_engine(&config)?;
+    let serve = matches
+        .subcommand_matches("serve")
+        .context("no serve settings")?;
+    let settings = config::with_env(Cli::command(), "serve");
+    let settings = settings
+        .find_subcommand("serve")
+        .context("no serve command")?;
+    println!(
+        "# {}: ok; the settings `serve --config` would run with here",
+        file.display()
+    );
+    for arg in settings.get_arguments() {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
+            continue;
+        };
+        let source = if from_file.iter().any(|f| f == id) {
+            "file"
+        } else {
+            config::source_name(serve.value_source(id))
+        };
+        match serve.get_raw(id) {
+            Some(values) => {
+                let values: Vec<_> = values.map(|v| v.to_string_lossy()).collect();
+                println!("{long} = {:?}  # {source}", values.join(","));
+            }
+            None => println!("# {long}: not set"),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = match parse(std::env::args_os().collect()) {
+        Ok((cli, _, _)) => cli,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(clap_error) => clap_error.exit(),
+            Err(e) => return Err(e),
+        },
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -371,8 +475,9 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
     }
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Simulate(args) => simulate(args),
         Command::Train(args) => train(args),
+        Command::Config(ConfigCommand::Check { file }) => check_config(file),
     }
 }

@@ -27,13 +27,22 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `fraudgate serve` on a free port with `args` and waits until it is SERVING.
     pub async fn start(args: &[&str]) -> ServerProcess {
-        let server = ServerProcess::spawn(args);
+        ServerProcess::start_env(args, &[]).await
+    }
+
+    /// [`ServerProcess::start`] with environment variables set.
+    pub async fn start_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        let server = ServerProcess::spawn_env(args, env);
         server.wait_serving().await;
         server
     }
 
     /// Starts `fraudgate serve` on a free port with `args` without waiting for it.
     pub fn spawn(args: &[&str]) -> ServerProcess {
+        ServerProcess::spawn_env(args, &[])
+    }
+
+    fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
         let port = free_port();
         // Tests run side by side: metrics on a port of their own unless a test picks one.
         let metrics: &[&str] = if args.contains(&"--metrics-listen") {
@@ -45,6 +54,7 @@ impl ServerProcess {
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(metrics)
             .args(args)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
