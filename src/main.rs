@@ -157,6 +157,10 @@ struct ServeArgs {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Log account ids as keyed hashes (matching within a run only), never as sent. Request
+    /// lines appear with RUST_LOG=fraudgate=debug.
+    #[arg(long)]
+    redact: bool,
     /// How long in-flight calls may run after SIGTERM or Ctrl-C.
     #[arg(long, value_parser = duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -275,6 +279,7 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
         max_in_flight_per_connection: args.max_in_flight_per_connection,
         metrics_listen: args.metrics_listen.0,
         shadow: args.mode == Mode::Shadow,
+        redact: args.redact,
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),

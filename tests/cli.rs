@@ -186,3 +186,69 @@ async fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+/// Every request's lines at debug level: `RUST_LOG=fraudgate=debug` gives one "answered" line
+/// per call carrying its span (transaction id, decision, code, latency); `--redact` logs the
+/// account as a keyed hash instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_spans_carry_the_transaction_and_redact_the_account() {
+    for redact in [false, true] {
+        let mut args = vec!["--ephemeral", "--log-format", "json"];
+        if redact {
+            args.push("--redact");
+        }
+        let mut server =
+            ServerProcess::start_env(&args, &[("RUST_LOG", "info,fraudgate=debug")]).await;
+        let mut client = server.client().await;
+        for id in ["log-1", "log-2"] {
+            client
+                .score(common::req(common::tx(
+                    id,
+                    "acct-secret-4242",
+                    "shop",
+                    990,
+                    0,
+                )))
+                .await
+                .unwrap();
+        }
+        client
+            .report_feedback(common::fraud("log-1"))
+            .await
+            .unwrap();
+        drop(client);
+        server.signal("-TERM");
+        let (status, log) = server.wait_exit(Duration::from_secs(20));
+        assert!(status.success(), "{log}");
+        let answered: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "answered")
+            .collect();
+        assert_eq!(answered.len(), 3, "{log}");
+        let span = |i: usize| &answered[i]["span"];
+        assert_eq!(span(0)["rpc"], "Score");
+        assert_eq!(span(0)["transaction_id"], "log-1");
+        assert_eq!(span(1)["transaction_id"], "log-2");
+        assert_eq!(span(0)["code"], "Ok");
+        assert!(span(0)["decision"].is_string(), "{}", answered[0]);
+        assert!(span(0)["latency_us"].is_u64(), "{}", answered[0]);
+        assert_eq!(span(2)["rpc"], "ReportFeedback");
+        assert_eq!(span(2)["transaction_id"], "log-1");
+        let account = span(0)["account"].as_str().unwrap().to_owned();
+        assert_eq!(
+            span(1)["account"],
+            account.as_str(),
+            "the same account logs alike"
+        );
+        if redact {
+            assert!(
+                account.starts_with("h:") && account.len() == 18,
+                "{account}"
+            );
+            assert!(!log.contains("acct-secret-4242"), "{log}");
+        } else {
+            assert_eq!(account, "acct-secret-4242");
+        }
+    }
+}

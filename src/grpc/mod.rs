@@ -4,6 +4,7 @@ pub mod auth;
 pub mod lifecycle;
 pub mod parse;
 pub mod reload;
+pub mod request_log;
 pub mod server;
 pub mod service;
 pub mod tls;

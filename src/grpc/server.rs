@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use super::auth::Tokens;
 use super::lifecycle::{snapshot_periodically, start_node, write_snapshot, DataDir};
 use super::parse;
+use super::request_log::RequestLog;
 use super::service::ScorerService;
 use super::tls::TlsFiles;
 use crate::engine::{Engine, EngineConfig};
@@ -75,6 +76,8 @@ pub struct ServeConfig {
     pub shadow: bool,
     /// TLS (and mutual TLS) on the gRPC port (none: plaintext).
     pub tls: Option<TlsFiles>,
+    /// Log account ids as keyed hashes, not as sent.
+    pub redact: bool,
 }
 
 impl Default for ServeConfig {
@@ -96,6 +99,7 @@ impl Default for ServeConfig {
             tokens: None,
             shadow: false,
             tls: None,
+            redact: false,
         }
     }
 }
@@ -175,6 +179,7 @@ pub async fn run(
         config.max_future_skew,
         Arc::clone(&metrics),
         config.shadow,
+        RequestLog::new(config.redact),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     // Without tokens every call is admitted; the interceptor is there either way so the

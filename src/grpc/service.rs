@@ -7,8 +7,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{Instrument, Span};
 
 use super::parse::{self, FieldError, ParseLimits};
+use super::request_log::RequestLog;
 use crate::domain::{Decision, Label, ScoreOutcome};
 use crate::engine::Traced;
 use crate::features::FEATURES;
@@ -26,6 +28,7 @@ pub struct ScorerService {
     metrics: Arc<Metrics>,
     /// Shadow mode: every answer says ALLOW; the real decision is journaled and counted.
     shadow: bool,
+    log: RequestLog,
 }
 
 impl ScorerService {
@@ -34,24 +37,29 @@ impl ScorerService {
         max_future_skew: Option<Duration>,
         metrics: Arc<Metrics>,
         shadow: bool,
+        log: RequestLog,
     ) -> Self {
         ScorerService {
             node,
             max_future_skew,
             metrics,
             shadow,
+            log,
         }
     }
 
-    /// Records a unary call's outcome and passes it on.
+    /// Records a unary call's outcome (metrics, the request's log line) and passes it on.
     fn record<T>(
         &self,
         rpc: &'static str,
         started: Instant,
+        span: &Span,
+        decision: Option<Decision>,
         result: Result<T, Status>,
     ) -> Result<T, Status> {
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.metrics.request(rpc, code, started.elapsed());
+        self.log.answered(span, code, decision, started);
         result
     }
 
@@ -159,6 +167,7 @@ async fn score_item(
     req: proto::ScoreRequest,
     limits: &ParseLimits,
     shadow: bool,
+    decision: &mut Option<Decision>,
 ) -> proto::ScoreResponse {
     let id = req
         .transaction
@@ -183,7 +192,10 @@ async fn score_item(
     let explain = req.explain;
     let raw = req.transaction.unwrap_or_default();
     match node.score(&tx, raw).await {
-        Ok(traced) => respond(tx.id, traced, explain, shadow),
+        Ok(traced) => {
+            *decision = Some(traced.outcome.scored.decision);
+            respond(tx.id, traced, explain, shadow)
+        }
         Err(e) => {
             let (code, field) = match e {
                 NodeError::Conflict => ("ALREADY_EXISTS", "transaction.transaction_id"),
@@ -217,17 +229,22 @@ impl FraudScorer for ScorerService {
         request: Request<proto::ScoreRequest>,
     ) -> Result<Response<proto::ScoreResponse>, Status> {
         let started = Instant::now();
+        let span = self.log.span("Score");
+        let mut decision = None;
         let result = async {
             let node = self.node()?;
             let req = request.into_inner();
+            self.log.transaction(&span, req.transaction.as_ref());
             let tx = parse::transaction(&req, &self.limits())?;
             let explain = req.explain;
             let raw = req.transaction.unwrap_or_default();
             let traced = node.score(&tx, raw).await.map_err(|e| status(&tx.id, e))?;
+            decision = Some(traced.outcome.scored.decision);
             Ok(Response::new(respond(tx.id, traced, explain, self.shadow)))
         }
+        .instrument(span.clone())
         .await;
-        self.record("Score", started, result)
+        self.record("Score", started, &span, decision, result)
     }
 
     type ScoreStreamStream = ResponseStream;
@@ -248,9 +265,15 @@ impl FraudScorer for ScorerService {
                 let started = Instant::now();
                 match item {
                     Ok(req) => {
-                        let resp = score_item(&node, req, &limits, service.shadow).await;
+                        let span = service.log.span("ScoreStream");
+                        service.log.transaction(&span, req.transaction.as_ref());
+                        let mut decision = None;
+                        let resp = score_item(&node, req, &limits, service.shadow, &mut decision)
+                            .instrument(span.clone())
+                            .await;
                         let code = resp.error.as_ref().map_or(Code::Ok, |e| item_code(&e.code));
                         metrics.request("ScoreStream", code, started.elapsed());
+                        service.log.answered(&span, code, decision, started);
                         Ok(resp)
                     }
                     Err(status) => Err(status),
@@ -265,9 +288,13 @@ impl FraudScorer for ScorerService {
         request: Request<proto::ReportFeedbackRequest>,
     ) -> Result<Response<proto::ReportFeedbackResponse>, Status> {
         let started = Instant::now();
+        let span = self.log.span("ReportFeedback");
         let result = async {
             let node = self.node()?;
             let raw = request.into_inner();
+            if !span.is_disabled() {
+                span.record("transaction_id", raw.transaction_id.as_str());
+            }
             let fb = parse::feedback(&raw)?;
             let applied = node
                 .feedback(&fb, raw)
@@ -283,7 +310,8 @@ impl FraudScorer for ScorerService {
                 } as i32,
             }))
         }
+        .instrument(span.clone())
         .await;
-        self.record("ReportFeedback", started, result)
+        self.record("ReportFeedback", started, &span, None, result)
     }
 }
