@@ -26,6 +26,7 @@ use crate::breaker::{BreakerStatus, DeclineBreaker, Verdict};
 use crate::domain::{
     Decision, Feedback, FeedbackOutcome, Label, Reason, ScoreOutcome, Scored, Transaction,
 };
+use crate::drift::ModelMonitor;
 use crate::features::{self, FeatureVector};
 use crate::model::hst::HstMass;
 use crate::model::{Model, Prediction};
@@ -105,6 +106,7 @@ pub struct Engine {
     model: ArcSwap<Model>,
     policy: ArcSwap<Policy>,
     breaker: DeclineBreaker,
+    monitor: ModelMonitor,
     /// The last sequence number handed out.
     sequencer: Mutex<u64>,
 }
@@ -117,6 +119,7 @@ impl Engine {
             model: ArcSwap::from_pointee(model),
             policy: ArcSwap::from_pointee(policy),
             breaker: DeclineBreaker::default(),
+            monitor: ModelMonitor::default(),
             sequencer: Mutex::new(0),
         }
     }
@@ -142,6 +145,13 @@ impl Engine {
                 (*seq, snapshot, features, mass)
             };
             let prediction = model.classify(&features, anomaly_mass);
+            self.monitor.observe(
+                seq,
+                &model.version,
+                model.meta.reference.as_ref(),
+                &features,
+                prediction.score,
+            );
             let policy = self.policy.load();
             let (mut decision, mut reasons) = policy.decide(
                 tx,
@@ -189,14 +199,19 @@ impl Engine {
     /// device and IP change at once, in the buckets of the transaction's own event time.
     pub fn feedback(&self, fb: &Feedback) -> Result<FeedbackApplied, NotFound> {
         let mut numbered = None;
-        let outcome = self.txs.set_label(fb.key, fb.label, |facts, delta| {
+        let mut decision = None;
+        let outcome = self.txs.set_label(fb.key, fb.label, |rec, delta| {
+            decision = Some(rec.scored.decision);
             let mut seq = self.sequencer.lock();
             *seq += 1;
             if delta != 0 {
-                self.state.add_fraud(facts, delta);
+                self.state.add_fraud(&rec.facts, delta);
             }
             numbered = Some((*seq, delta));
         })?;
+        if let Some(decision) = decision {
+            self.monitor.labelled(decision, outcome.previous, fb.label);
+        }
         // Feedback that changed nothing still gets a number, for the journal's order.
         let (seq, fraud_delta) = numbered.unwrap_or_else(|| {
             let mut seq = self.sequencer.lock();
@@ -290,7 +305,8 @@ impl Engine {
     /// Puts a journaled transaction back into the store of recent ones (start-up only), so
     /// retries get their stored answer and feedback finds it.
     pub fn restore_transaction(&self, tx: &Transaction, scored: Arc<Scored>, label: Option<Label>) {
-        self.txs.restore(
+        let decision = scored.decision;
+        let new = self.txs.restore(
             tx.key,
             TxRecord {
                 fingerprint: tx.fingerprint(),
@@ -299,6 +315,14 @@ impl Engine {
                 scored,
             },
         );
+        if let (true, Some(label)) = (new, label) {
+            self.monitor.labelled(decision, None, label);
+        }
+    }
+
+    /// Drift of live traffic from the model's reference, and decision precision so far.
+    pub fn monitor(&self) -> &ModelMonitor {
+        &self.monitor
     }
 
     /// Continues numbering after `seq` (start-up only).

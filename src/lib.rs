@@ -9,6 +9,7 @@ pub mod breaker;
 pub mod config;
 pub mod dataset;
 pub mod domain;
+pub mod drift;
 pub mod engine;
 pub mod features;
 pub mod grpc;

@@ -13,12 +13,14 @@ use std::time::Duration;
 use anyhow::Context;
 use parking_lot::Mutex;
 use prometheus::{
-    exponential_buckets, linear_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, linear_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
 use crate::domain::{Decision, Label};
+use crate::engine::Engine;
+use crate::features;
 use crate::node::Node;
 
 /// The registry and every metric in it.
@@ -38,6 +40,11 @@ pub struct Metrics {
     breaker_share: Gauge,
     breaker_trips: IntCounter,
     breaker_downgrades: IntCounter,
+    drift_psi: GaugeVec,
+    drift_psi_max: Gauge,
+    drift_samples: IntGauge,
+    decision_labels: IntGaugeVec,
+    decision_precision: GaugeVec,
     /// Held while scrape-time values are copied in, so two scrapes do not both add the same
     /// increase to a counter.
     scrape: Mutex<()>,
@@ -111,6 +118,36 @@ impl Metrics {
             "decline_breaker_downgrades_total",
             "Denials the decline circuit breaker downgraded to review",
         )?;
+        let drift_psi = GaugeVec::new(
+            Opts::new(
+                "drift_psi",
+                "Population stability index of the score and of each feature, live window \
+                 against the model's validation period (<0.1 stable, >0.25 shifted)",
+            ),
+            &["variable"],
+        )?;
+        let drift_psi_max = Gauge::new(
+            "drift_psi_max",
+            "The largest drift_psi of any variable: one number to alert on",
+        )?;
+        let drift_samples = IntGauge::new(
+            "drift_window_samples",
+            "Sampled transactions in the drift window",
+        )?;
+        let decision_labels = IntGaugeVec::new(
+            Opts::new(
+                "decision_labels",
+                "Feedback labels received, by the decision the transaction got",
+            ),
+            &["decision", "label"],
+        )?;
+        let decision_precision = GaugeVec::new(
+            Opts::new(
+                "decision_precision",
+                "Share of labelled transactions with this decision that were fraud",
+            ),
+            &["decision"],
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -125,6 +162,11 @@ impl Metrics {
             Box::new(breaker_share.clone()),
             Box::new(breaker_trips.clone()),
             Box::new(breaker_downgrades.clone()),
+            Box::new(drift_psi.clone()),
+            Box::new(drift_psi_max.clone()),
+            Box::new(drift_samples.clone()),
+            Box::new(decision_labels.clone()),
+            Box::new(decision_precision.clone()),
         ] {
             registry.register(c).context("registering a metric")?;
         }
@@ -143,6 +185,11 @@ impl Metrics {
             breaker_share,
             breaker_trips,
             breaker_downgrades,
+            drift_psi,
+            drift_psi_max,
+            drift_samples,
+            decision_labels,
+            decision_precision,
             scrape: Mutex::new(()),
             node: OnceLock::new(),
         })
@@ -208,12 +255,49 @@ impl Metrics {
             self.breaker_share.set(breaker.deny_share);
             catch_up(&self.breaker_trips, breaker.trips);
             catch_up(&self.breaker_downgrades, breaker.downgrades);
+            self.model_quality(node.engine());
         }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
             .context("encoding metrics")?;
         String::from_utf8(out).context("metrics text is not UTF-8")
+    }
+}
+
+impl Metrics {
+    /// Drift and decision precision, read from the engine's monitor.
+    fn model_quality(&self, engine: &Engine) {
+        let model = engine.model();
+        let monitor = engine.monitor();
+        if let Some(report) = model.meta.reference.as_ref().and_then(|r| monitor.drift(r)) {
+            self.drift_samples.set(i64::from(report.samples));
+            self.drift_psi
+                .with_label_values(&["score"])
+                .set(report.score);
+            let mut max = report.score;
+            for (name, psi) in features::names().zip(&report.features) {
+                self.drift_psi.with_label_values(&[name]).set(*psi);
+                max = max.max(*psi);
+            }
+            self.drift_psi_max.set(max);
+        }
+        for (decision, name) in [
+            (Decision::Allow, "allow"),
+            (Decision::Review, "review"),
+            (Decision::Deny, "deny"),
+        ] {
+            let labels = monitor.labels(decision);
+            self.decision_labels
+                .with_label_values(&[name, "fraud"])
+                .set(labels.fraud);
+            self.decision_labels
+                .with_label_values(&[name, "legitimate"])
+                .set(labels.legitimate);
+            if let Some(p) = labels.precision().filter(|_| decision != Decision::Allow) {
+                self.decision_precision.with_label_values(&[name]).set(p);
+            }
+        }
     }
 }
 

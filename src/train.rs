@@ -22,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::dataset::{self, Record};
 use crate::domain::{Feedback, Label};
+use crate::drift::DriftReference;
 use crate::engine::{Detail, Engine, EngineConfig};
 use crate::features::{self, N_FEATURES};
 use crate::model::forest::{fit_smartcore, CompiledForest, ForestParams};
@@ -409,6 +410,10 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         thresholds,
         training: Some(summary.clone()),
         holdout: Some(hold_metrics),
+        reference: Some(DriftReference::of(
+            &validation.iter().map(|r| &r.features).collect::<Vec<_>>(),
+            &val_scores,
+        )),
     };
     let model = Model::from_parts(meta, Some(forest), engine.model().anomaly_mass())?;
     model

@@ -12,6 +12,7 @@ pub mod hst;
 
 use std::path::Path;
 
+use crate::drift::DriftReference;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,10 @@ pub struct ModelMeta {
     pub thresholds: Thresholds,
     pub training: Option<TrainingSummary>,
     pub holdout: Option<Metrics>,
+    /// Bins of the score and of each feature on the validation period, for drift
+    /// monitoring (absent in models trained before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<DriftReference>,
 }
 
 /// `forest.json`: the compiled forest by columns, which keeps the file small.
@@ -185,6 +190,7 @@ impl Model {
             },
             training: None,
             holdout: None,
+            reference: None,
         };
         Model {
             version: meta.version.as_str().into(),

@@ -109,20 +109,23 @@ impl TxStore {
     }
 
     /// Puts back a transaction journaled before a restart, as the newest (start-up only).
-    pub fn restore(&self, key: TxKey, record: TxRecord) {
-        if self.map.insert(key, record).is_none() {
+    /// False if it was already there (and is now replaced).
+    pub fn restore(&self, key: TxKey, record: TxRecord) -> bool {
+        let new = self.map.insert(key, record).is_none();
+        if new {
             self.remember(key);
         }
+        new
     }
 
     /// Sets the label of `key`; when it changes, calls `on_change` with the transaction's
-    /// facts and the change in its fraud count (+1, -1 or 0) under the entry's lock, so
+    /// record (label already set) and the change in its fraud count (+1, -1 or 0) under the entry's lock, so
     /// concurrent feedback on one transaction is applied in one order.
     pub fn set_label(
         &self,
         key: TxKey,
         label: Label,
-        on_change: impl FnOnce(&TxFacts, i32),
+        on_change: impl FnOnce(&TxRecord, i32),
     ) -> Result<FeedbackOutcome, NotFound> {
         let mut rec = self.map.get_mut(&key).ok_or(NotFound)?;
         let previous = rec.label;
@@ -138,7 +141,7 @@ impl TxStore {
             _ => 0,
         };
         rec.label = Some(label);
-        on_change(&rec.facts, delta);
+        on_change(&rec, delta);
         Ok(FeedbackOutcome {
             applied: true,
             previous,
