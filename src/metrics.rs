@@ -36,6 +36,7 @@ pub struct Metrics {
     entities: IntGaugeVec,
     tracked: IntGauge,
     journal_backlog: IntGauge,
+    unauthenticated: IntCounter,
     breaker_open: IntGauge,
     breaker_share: Gauge,
     breaker_trips: IntCounter,
@@ -102,6 +103,10 @@ impl Metrics {
             "journal_backlog",
             "Journal entries waiting for the writer (0 without a journal)",
         )?;
+        let unauthenticated = IntCounter::new(
+            "unauthenticated_total",
+            "Calls refused for a missing or unaccepted bearer token (not in requests_total)",
+        )?;
         let breaker_open = IntGauge::new(
             "decline_breaker_open",
             "1 while the decline circuit breaker downgrades denials to review",
@@ -158,6 +163,7 @@ impl Metrics {
             Box::new(entities.clone()),
             Box::new(tracked.clone()),
             Box::new(journal_backlog.clone()),
+            Box::new(unauthenticated.clone()),
             Box::new(breaker_open.clone()),
             Box::new(breaker_share.clone()),
             Box::new(breaker_trips.clone()),
@@ -181,6 +187,7 @@ impl Metrics {
             entities,
             tracked,
             journal_backlog,
+            unauthenticated,
             breaker_open,
             breaker_share,
             breaker_trips,
@@ -211,6 +218,11 @@ impl Metrics {
         self.latency
             .with_label_values(&[rpc])
             .observe(took.as_secs_f64());
+    }
+
+    /// One call refused by the token check.
+    pub fn unauthenticated(&self) {
+        self.unauthenticated.inc();
     }
 
     /// One fresh decision.

@@ -20,9 +20,13 @@ fn with_token(
     r
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_need_an_accepted_bearer_token_and_health_stays_open() {
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", common::process::free_port())
+        .parse()
+        .unwrap();
     let server = TestServer::start_with(ServeConfig {
+        metrics_listen: Some(metrics),
         tokens: Some(Tokens::parse(&format!("{TOKEN}\nother-token-0123456789")).unwrap()),
         ..ServeConfig::default()
     })
@@ -48,6 +52,11 @@ async fn calls_need_an_accepted_bearer_token_and_health_stays_open() {
         .unwrap()
         .into_inner();
     assert!(!ok.replayed, "the refused calls scored nothing");
+    let body = common::scrape(metrics);
+    assert_eq!(
+        common::metric_value(&body, "fraudgate_unauthenticated_total"),
+        2.0
+    );
 
     // Health answers without a token (TestServer::start_with waited on it too).
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);

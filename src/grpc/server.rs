@@ -185,12 +185,12 @@ pub async fn run(
     // Without tokens every call is admitted; the interceptor is there either way so the
     // service has one type.
     let tokens = config.tokens.clone();
+    let refusals = Arc::clone(&metrics);
     let scorer =
         tonic::service::interceptor::InterceptedService::new(scorer, move |req| match &tokens {
-            Some(t) => t.check(req),
+            Some(t) => t.check(req).inspect_err(|_| refusals.unauthenticated()),
             None => Ok(req),
         });
-
     let mut builder = Server::builder();
     if let Some(tls) = &config.tls {
         builder = builder
