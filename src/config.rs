@@ -85,10 +85,27 @@ pub fn file_args(
                     path.display()
                 )
             })?;
-        if matches!(
-            matches.value_source(&id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        ) {
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        // Set higher up, or in conflict with something set higher up (a file's
+        // `durability` under `--ephemeral`): the higher place wins.
+        let overruled = subcommand.get_arguments().any(|other| {
+            given(other.get_id().as_str())
+                && subcommand.get_arguments().any(|a| a.get_id() == arg.get_id())
+                && (subcommand
+                    .get_arg_conflicts_with(arg)
+                    .iter()
+                    .any(|c| c.get_id() == other.get_id())
+                    || subcommand
+                        .get_arg_conflicts_with(other)
+                        .iter()
+                        .any(|c| c.get_id() == arg.get_id()))
+        });
+        if given(&id) || overruled {
             continue;
         }
         let long = arg.get_long().unwrap_or(key);

@@ -439,7 +439,8 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
         "# {}: ok; the settings `serve --config` would run with here",
         file.display()
     );
-    for arg in settings.get_arguments() {
+    let root = Cli::command();
+    for arg in root.get_arguments().chain(settings.get_arguments()) {
         let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
             continue;
         };

@@ -77,8 +77,9 @@ fn config_check_refuses_a_bad_file_naming_the_setting() {
     }
 }
 
-/// The file asks for shadow mode and a policy; the environment overrides the mode; the
-/// command line's --listen overrides the file's.
+/// The file asks for shadow mode, a policy and sync durability; the environment overrides
+/// the mode; the command line's --listen overrides the file's, and its --ephemeral the
+/// file's durability.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_takes_flags_over_env_over_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,13 +89,14 @@ async fn serve_takes_flags_over_env_over_file() {
     std::fs::write(
         &file,
         format!(
-            "listen = \"127.0.0.1:1\"\nmode = \"shadow\"\nephemeral = true\npolicy = {:?}\n",
+            "listen = \"127.0.0.1:1\"\nmode = \"shadow\"\ndurability = \"sync\"\npolicy = {:?}\n",
             policy.to_str().unwrap()
         ),
     )
     .unwrap();
+    // --ephemeral on the command line overrules the file's durability (they conflict).
     let server = ServerProcess::start_env(
-        &[],
+        &["--ephemeral"],
         &[
             ("FRAUDGATE_CONFIG", file.to_str().unwrap()),
             ("FRAUDGATE_MODE", "enforce"),

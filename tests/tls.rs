@@ -232,3 +232,77 @@ async fn a_missing_certificate_stops_the_start_naming_the_flag() {
         "{log}"
     );
 }
+
+/// The README's TLS commands, verbatim: OpenSSL makes the certificates, the server starts
+/// with them (on a free port, without a data directory), grpcurl scores over mutual TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_tls_commands_work_verbatim() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("### TLS and mutual TLS")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("a sh block in the README's TLS section");
+    let dir = tempfile::tempdir().unwrap();
+    let sh = |cmd: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "README command failed: {cmd}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut server = None;
+    let mut scored = false;
+    for line in section.lines().filter(|l| !l.trim().is_empty()) {
+        if line.starts_with("openssl ") {
+            sh(line);
+        } else if let Some(args) = line.strip_prefix("cargo run --release -- serve ") {
+            let args: Vec<String> = args
+                .split_whitespace()
+                .map(|a| match a {
+                    "server.pem" | "server.key" | "ca.pem" => {
+                        dir.path().join(a).to_str().unwrap().to_owned()
+                    }
+                    _ => a.to_owned(),
+                })
+                .chain(["--ephemeral".to_owned()])
+                .collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            server = Some(ServerProcess::spawn(&args));
+        } else if line.starts_with("grpcurl ") {
+            let port = server.as_ref().expect("the server starts first").port;
+            let cmd = line.replace("localhost:50051", &format!("localhost:{port}"));
+            let health = format!(
+                "grpcurl -cacert ca.pem -cert client.pem -key client.key localhost:{port} grpc.health.v1.Health/Check"
+            );
+            for _ in 0..300 {
+                let out = Command::new("sh")
+                    .arg("-c")
+                    .arg(&health)
+                    .current_dir(dir.path())
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&out.stdout).contains("\"SERVING\"") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let out = sh(&cmd);
+            assert!(out.contains("\"decision\""), "{out}");
+            scored = true;
+        } else {
+            panic!("a README line this test does not know how to run: {line}");
+        }
+    }
+    assert!(scored, "the README's TLS block scores a payment");
+}
