@@ -95,7 +95,9 @@ pub fn file_args(
         // `durability` under `--ephemeral`): the higher place wins.
         let overruled = subcommand.get_arguments().any(|other| {
             given(other.get_id().as_str())
-                && subcommand.get_arguments().any(|a| a.get_id() == arg.get_id())
+                && subcommand
+                    .get_arguments()
+                    .any(|a| a.get_id() == arg.get_id())
                 && (subcommand
                     .get_arg_conflicts_with(arg)
                     .iter()

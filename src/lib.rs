@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod domain;
 pub mod drift;
 pub mod engine;
+pub mod export;
 pub mod features;
 pub mod grpc;
 pub mod ids;

@@ -42,6 +42,9 @@ enum Command {
     Simulate(SimulateArgs),
     /// Train a model directory from a labelled CSV.
     Train(TrainArgs),
+    /// Write the feature matrix the server computes for a labelled CSV (event-time order,
+    /// fraud labels arriving --label-delay late), with the score the model serves.
+    Features(FeaturesArgs),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -188,6 +191,25 @@ struct SimulateArgs {
 }
 
 #[derive(Debug, Args)]
+struct FeaturesArgs {
+    /// Labelled CSV (see the README for the schema).
+    #[arg(long)]
+    input: PathBuf,
+    /// CSV to write: ids, event time, label, score, anomaly score, then every feature.
+    #[arg(long)]
+    output: PathBuf,
+    /// Model whose scores to include (default: the embedded model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Delay between a fraud and its label reaching the server.
+    #[arg(long, value_parser = duration, default_value = "7d")]
+    label_delay: Duration,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
 struct TrainArgs {
     /// Labelled CSV (see the README for the schema).
     #[arg(long)]
@@ -311,6 +333,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         server::run(listener, config, shutdown_signal()).await
     })
+}
+
+fn export_features(args: FeaturesArgs) -> anyhow::Result<()> {
+    let model = match &args.model {
+        Some(dir) => fraudgate::model::Model::load(dir)?,
+        None => fraudgate::model::Model::embedded_default()?,
+    };
+    let done = fraudgate::export::features(
+        &args.input,
+        &args.output,
+        model,
+        args.label_delay.as_secs() as i64,
+        !args.quiet,
+    )?;
+    println!(
+        "wrote {} rows ({} fraud) to {}",
+        done.rows,
+        done.frauds,
+        args.output.display()
+    );
+    Ok(())
 }
 
 fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
@@ -484,6 +527,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(*args),
         Command::Simulate(args) => simulate(args),
         Command::Train(args) => train(args),
+        Command::Features(args) => export_features(args),
         Command::Config(ConfigCommand::Check { file }) => check_config(file),
     }
 }

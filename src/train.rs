@@ -77,10 +77,15 @@ impl Default for TrainParams {
 /// One replayed row: what the engine saw, and the truth.
 #[derive(Debug, Clone)]
 pub struct Replayed {
+    /// Position of the row in the replayed records.
+    pub index: usize,
     pub time: i64,
     pub features: [f64; N_FEATURES],
     /// The anomaly model's raw mass score.
     pub mass: f64,
+    /// The score and anomaly sub-score the replaying model gave.
+    pub score: f64,
+    pub anomaly: f64,
     pub fraud: bool,
 }
 
@@ -163,9 +168,12 @@ pub fn replay(
             ));
         }
         out.push(Replayed {
+            index: i,
             time: t,
             features,
             mass: prediction.anomaly_mass,
+            score: prediction.score,
+            anomaly: prediction.anomaly,
             fraud,
         });
         if i % 10_000 == 0 {

@@ -85,6 +85,7 @@ async fn training_replay_and_the_server_compute_the_same_features() {
     let mut client = server.client().await;
     let mut pending: VecDeque<(i64, String)> = VecDeque::new();
     let mut nonzero_merchant_rates = 0;
+    let mut served = Vec::new();
     for (i, (r, want)) in requests.iter().zip(&replayed).enumerate() {
         let t = r
             .request
@@ -104,6 +105,7 @@ async fn training_replay_and_the_server_compute_the_same_features() {
         let got: Vec<u64> = resp.features.iter().map(|f| f.value.to_bits()).collect();
         let want_bits: Vec<u64> = want.features.iter().map(|v| v.to_bits()).collect();
         assert_eq!(got, want_bits, "row {i} ({})", id(r));
+        served.push((id(r), resp.score, got));
         if r.label == Some(true) {
             pending.push_back((t + delay, id(r)));
         }
@@ -113,4 +115,33 @@ async fn training_replay_and_the_server_compute_the_same_features() {
         nonzero_merchant_rates > 50,
         "delayed labels must reach the features ({nonzero_merchant_rates})"
     );
+
+    // `fraudgate features` writes the same vectors, and the scores the embedded model served.
+    let out = dir.path().join("features.csv");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args(["features", "--quiet", "--label-delay", "2d", "--input"])
+        .arg(&path)
+        .arg("--output")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut reader = csv::Reader::from_path(&out).unwrap();
+    let header = reader.headers().unwrap().clone();
+    assert_eq!(&header[0], "transaction_id");
+    assert_eq!(&header[6], "amount_log");
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), served.len());
+    for (row, (id, score, features)) in rows.iter().zip(&served) {
+        assert_eq!(&row[0], id.as_str());
+        assert_eq!(
+            row[4].parse::<f64>().unwrap().to_bits(),
+            score.to_bits(),
+            "{id}"
+        );
+        let exported: Vec<u64> = (6..row.len())
+            .map(|i| row[i].parse::<f64>().unwrap().to_bits())
+            .collect();
+        assert_eq!(&exported, features, "{id}");
+    }
 }
