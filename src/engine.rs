@@ -98,13 +98,21 @@ pub struct ReplayCut {
     anomaly: u64,
 }
 
+/// The model and the policy a request is decided with: one value, so a request never sees
+/// one model's scores against another's thresholds.
+#[derive(Debug)]
+pub struct Serving {
+    pub model: Arc<Model>,
+    pub policy: Arc<Policy>,
+}
+
 /// The scoring engine: state, the current model and the current policy.
 #[derive(Debug)]
 pub struct Engine {
     state: State,
     txs: TxStore,
-    model: ArcSwap<Model>,
-    policy: ArcSwap<Policy>,
+    /// The model and policy in force, swapped together.
+    serving: ArcSwap<Serving>,
     breaker: DeclineBreaker,
     monitor: ModelMonitor,
     /// The last sequence number handed out.
@@ -112,12 +120,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(model: Model, policy: Policy, config: EngineConfig) -> Engine {
+    pub fn new(model: impl Into<Arc<Model>>, policy: Policy, config: EngineConfig) -> Engine {
         Engine {
             state: State::new(),
             txs: TxStore::new(config.max_tracked_transactions),
-            model: ArcSwap::from_pointee(model),
-            policy: ArcSwap::from_pointee(policy),
+            serving: ArcSwap::from_pointee(Serving {
+                model: model.into(),
+                policy: Arc::new(policy),
+            }),
             breaker: DeclineBreaker::default(),
             monitor: ModelMonitor::default(),
             sequencer: Mutex::new(0),
@@ -135,15 +145,19 @@ impl Engine {
     pub fn score_traced(&self, tx: &Transaction) -> Result<Traced, Conflict> {
         let mut detail = None;
         let (scored, replayed) = self.txs.score_once(tx.key, tx.fingerprint(), || {
-            let model = self.model.load();
-            let (seq, snapshot, features, anomaly_mass) = {
+            // Loaded under the sequencer, which a model swap also holds: the anomaly model
+            // that learns this point is the one whose masses the next model inherits, and
+            // model and policy are always a matching pair.
+            let (serving, seq, snapshot, features, anomaly_mass) = {
                 let mut seq = self.sequencer.lock();
                 *seq += 1;
+                let serving = self.serving.load_full();
                 let snapshot = self.state.observe(tx);
                 let features = features::extract(tx, &snapshot);
-                let mass = model.score_and_learn_anomaly(&features);
-                (*seq, snapshot, features, mass)
+                let mass = serving.model.score_and_learn_anomaly(&features);
+                (serving, *seq, snapshot, features, mass)
             };
+            let (model, policy) = (&serving.model, &serving.policy);
             let prediction = model.classify(&features, anomaly_mass);
             self.monitor.observe(
                 seq,
@@ -152,7 +166,6 @@ impl Engine {
                 &features,
                 prediction.score,
             );
-            let policy = self.policy.load();
             let (mut decision, mut reasons) = policy.decide(
                 tx,
                 &snapshot,
@@ -233,12 +246,12 @@ impl Engine {
 
     /// [`Engine::image`], and the longest time scoring waited for one part's copy.
     pub fn image_timed(&self) -> (EngineImage, std::time::Duration) {
-        let model = self.model.load();
-        let (anomaly_seq, anomaly, anomaly_pause) = {
+        let (model, anomaly_seq, anomaly, anomaly_pause) = {
             let seq = self.sequencer.lock();
             let started = std::time::Instant::now();
+            let model = self.model();
             let mass = model.anomaly_mass();
-            (*seq, mass, started.elapsed())
+            (model, *seq, mass, started.elapsed())
         };
         let (state, state_pause) = self.state.image_timed(|| self.sequencer.lock());
         let image = EngineImage {
@@ -255,7 +268,7 @@ impl Engine {
     /// the model now loaded (returned as the flag); the cut tells replay what the image
     /// already includes.
     pub fn restore(&self, image: EngineImage) -> (bool, ReplayCut) {
-        let model = self.model.load();
+        let model = self.model();
         let mut seq = self.sequencer.lock();
         *seq = image.state.max_seq().max(image.anomaly_seq);
         let cut = ReplayCut {
@@ -279,7 +292,7 @@ impl Engine {
         journaled: &FeatureVector,
         cut: &ReplayCut,
     ) -> Option<FeatureVector> {
-        let model = self.model.load();
+        let model = self.model();
         let mut next = self.sequencer.lock();
         *next = (*next).max(seq);
         let snapshot = self
@@ -342,16 +355,40 @@ impl Engine {
     }
 
     pub fn model(&self) -> Arc<Model> {
-        self.model.load_full()
+        Arc::clone(&self.serving.load().model)
     }
 
     /// Replaces the policy; requests already scoring finish with the one they loaded.
     pub fn set_policy(&self, policy: Policy) {
-        self.policy.store(Arc::new(policy));
+        let _order = self.sequencer.lock();
+        let model = self.model();
+        self.serving.store(Arc::new(Serving {
+            model,
+            policy: Arc::new(policy),
+        }));
     }
 
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.load_full()
+        Arc::clone(&self.serving.load().policy)
+    }
+
+    /// Serves `model` from the next request on, atomically with the policy's thresholds
+    /// following it (unless the policy file sets them); returns the model it replaces.
+    /// Under the sequencer: the anomaly masses learned so far carry over to the new model
+    /// when its anomaly model has the same shape, so no learning is lost in the swap.
+    pub fn set_model(&self, model: Arc<Model>) -> Arc<Model> {
+        let _order = self.sequencer.lock();
+        let current = self.serving.load_full();
+        if current.model.meta.anomaly.params == model.meta.anomaly.params
+            && !Arc::ptr_eq(&current.model, &model)
+        {
+            if let Err(e) = model.restore_anomaly_mass(current.model.anomaly_mass()) {
+                tracing::warn!(error = %e, "the new model keeps its own anomaly masses");
+            }
+        }
+        let policy = Arc::new(current.policy.for_model(model.meta.thresholds));
+        self.serving.store(Arc::new(Serving { model, policy }));
+        Arc::clone(&current.model)
     }
 
     pub fn entity_counts(&self) -> EntityCounts {

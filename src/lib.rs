@@ -5,6 +5,7 @@
 //! event-time [`state`], [`features`] turns that into one fixed-order vector, the [`model`]
 //! scores it, and [`policy`] turns the score into a decision with reasons.
 
+pub mod admin;
 pub mod breaker;
 pub mod config;
 pub mod dataset;
@@ -20,6 +21,8 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod policy;
+pub mod registry;
+pub mod retrain;
 pub mod sim;
 pub mod snapshot;
 pub mod state;

@@ -80,15 +80,15 @@ fn metrics_addr(text: &str) -> Result<MetricsAddr, String> {
         .map_err(|e| format!("{text:?}: {e} (an address such as 127.0.0.1:9464, or off)"))
 }
 
-/// A retention period, or none.
+/// A duration, or none ("off").
 #[derive(Debug, Clone, Copy)]
-struct Retention(Option<Duration>);
+struct DurationOrOff(Option<Duration>);
 
-fn retention(text: &str) -> Result<Retention, String> {
+fn duration_or_off(text: &str) -> Result<DurationOrOff, String> {
     if text == "off" {
-        return Ok(Retention(None));
+        return Ok(DurationOrOff(None));
     }
-    duration(text).map(|d| Retention(Some(d)))
+    duration(text).map(|d| DurationOrOff(Some(d)))
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -127,8 +127,8 @@ struct ServeArgs {
     #[arg(long, value_parser = duration, default_value = "5m")]
     snapshot_interval: Duration,
     /// Journal rows older than this are deleted ("off" keeps everything).
-    #[arg(long, value_parser = retention, default_value = "90d")]
-    journal_retention: Retention,
+    #[arg(long, value_parser = duration_or_off, default_value = "90d")]
+    journal_retention: DurationOrOff,
     /// File of bearer tokens (one per line) that calls to the scoring service must carry;
     /// or set FRAUDGATE_TOKENS (comma-separated). Default: no authentication.
     #[arg(long)]
@@ -160,6 +160,21 @@ struct ServeArgs {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// File of tokens (one per line) the ModelAdmin service requires instead of the
+    /// scoring tokens. Default: the scoring tokens, if any.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Retrain from the journal this often and promote a challenger that beats the
+    /// champion by --promotion-margin ("off": only when ModelAdmin/Retrain asks).
+    #[arg(long, value_parser = duration_or_off, default_value = "off")]
+    retrain_every: DurationOrOff,
+    /// How long after its event time a decision without a fraud label counts as
+    /// legitimate when retraining (chargebacks arrive late).
+    #[arg(long, value_parser = duration, default_value = "30d")]
+    retrain_maturity: Duration,
+    /// Average precision a challenger must gain over the champion to be promoted.
+    #[arg(long, default_value_t = 0.005)]
+    promotion_margin: f64,
     /// Log account ids as keyed hashes (matching within a run only), never as sent. Request
     /// lines appear with RUST_LOG=fraudgate=debug.
     #[arg(long)]
@@ -302,6 +317,17 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
         metrics_listen: args.metrics_listen.0,
         shadow: args.mode == Mode::Shadow,
         redact: args.redact,
+        admin_tokens: args
+            .admin_token_file
+            .as_deref()
+            .map(fraudgate::grpc::auth::Tokens::from_file)
+            .transpose()?,
+        retrain_every: args.retrain_every.0,
+        retrain: fraudgate::retrain::RetrainParams {
+            maturity_secs: args.retrain_maturity.as_secs() as i64,
+            ..Default::default()
+        },
+        promotion_margin: args.promotion_margin,
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -470,7 +496,8 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     if let Some(tls) = &config.tls {
         tls.load()?;
     }
-    server::build_engine(&config)?;
+    // The registry of the data directory is not read: the check must not need its lock.
+    server::build_engine(&config, &fraudgate::registry::ModelRegistry::open(None)?)?;
     let serve = matches
         .subcommand_matches("serve")
         .context("no serve settings")?;

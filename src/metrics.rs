@@ -7,7 +7,7 @@
 //! being maintained on the hot path.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -49,8 +49,9 @@ pub struct Metrics {
     /// Held while scrape-time values are copied in, so two scrapes do not both add the same
     /// increase to a counter.
     scrape: Mutex<()>,
-    /// The node, once started: the source of the scrape-time gauges.
-    node: OnceLock<Arc<Node>>,
+    /// The node, once started: the source of the scrape-time gauges. Weak, so the node can
+    /// be taken apart at shutdown (its journal closed) while `/metrics` still answers.
+    node: OnceLock<Weak<Node>>,
 }
 
 impl Metrics {
@@ -204,10 +205,7 @@ impl Metrics {
 
     /// Connects the scrape-time gauges to the running node.
     pub fn set_node(&self, node: Arc<Node>) {
-        self.model
-            .with_label_values(&[&*node.engine().model().version])
-            .set(1);
-        let _ = self.node.set(node);
+        let _ = self.node.set(Arc::downgrade(&node));
     }
 
     /// One answered call.
@@ -248,7 +246,7 @@ impl Metrics {
     /// The exposition, with the scrape-time gauges read now.
     pub fn render(&self) -> anyhow::Result<String> {
         let _scrape = self.scrape.lock();
-        if let Some(node) = self.node.get() {
+        if let Some(node) = self.node.get().and_then(Weak::upgrade) {
             let counts = node.engine().entity_counts();
             for (kind, n) in [
                 ("account", counts.accounts),
@@ -267,6 +265,11 @@ impl Metrics {
             self.breaker_share.set(breaker.deny_share);
             catch_up(&self.breaker_trips, breaker.trips);
             catch_up(&self.breaker_downgrades, breaker.downgrades);
+            // Only the model serving now (a promotion or rollback changes it).
+            self.model.reset();
+            self.model
+                .with_label_values(&[&*node.engine().model().version])
+                .set(1);
             self.model_quality(node.engine());
         }
         let mut out = Vec::new();

@@ -118,6 +118,8 @@ impl Default for ReasonSettings {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub thresholds: Thresholds,
+    /// Whether the file set the thresholds (else they follow the model's).
+    thresholds_from_file: bool,
     blocked: [HashSet<EntityKey>; 4],
     max_amount_minor: Option<i64>,
     max_amount_by_currency: HashMap<[u8; 3], i64>,
@@ -177,6 +179,7 @@ impl Policy {
         }
         Ok(Policy {
             thresholds,
+            thresholds_from_file: file.thresholds.is_some(),
             blocked,
             max_amount_minor: file.limits.max_amount_minor,
             max_amount_by_currency: by_currency,
@@ -190,6 +193,16 @@ impl Policy {
                 .map(BreakerSettings::from_file)
                 .transpose()?,
         })
+    }
+
+    /// This policy for a model suggesting `model_thresholds`: the same, with those thresholds
+    /// unless the file set its own.
+    pub fn for_model(&self, model_thresholds: Thresholds) -> Policy {
+        let mut policy = self.clone();
+        if !self.thresholds_from_file {
+            policy.thresholds = model_thresholds;
+        }
+        policy
     }
 
     /// Reads and builds a policy file.

@@ -248,7 +248,7 @@ pub fn threshold_for_precision(scores: &[f64], truth: &[bool], precision: f64) -
 }
 
 /// The `q` quantile of `values` (nearest rank).
-fn quantile(values: &[f64], q: f64) -> f64 {
+pub fn quantile(values: &[f64], q: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let rank =

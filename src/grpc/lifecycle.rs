@@ -12,6 +12,7 @@ use super::server::{build_engine, ServeConfig};
 use crate::journal::{recover, Journal, JournalConfig, JOURNAL_FILE};
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::registry::ModelRegistry;
 use crate::snapshot;
 
 /// The data directory, held exclusively by this process while it runs.
@@ -46,10 +47,14 @@ pub fn start_node(
     config: &ServeConfig,
     data_dir: Option<&Path>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<Node> {
-    let engine = Arc::new(build_engine(config)?);
+) -> anyhow::Result<(Node, Arc<ModelRegistry>)> {
+    let registry = Arc::new(ModelRegistry::open(data_dir)?);
+    let engine = Arc::new(build_engine(config, &registry)?);
     let Some(dir) = data_dir else {
-        return Ok(Node::new(engine, None, config.durability, metrics));
+        return Ok((
+            Node::new(engine, None, config.durability, metrics),
+            registry,
+        ));
     };
     let journal_path = dir.join(JOURNAL_FILE);
     let journal = Journal::open(JournalConfig {
@@ -84,7 +89,10 @@ pub fn start_node(
             "replayed decisions whose features differ from the journal's"
         );
     }
-    Ok(Node::new(engine, Some(journal), config.durability, metrics))
+    Ok((
+        Node::new(engine, Some(journal), config.durability, metrics),
+        registry,
+    ))
 }
 
 /// Copies the engine (under its sequencer), waits for the journal to commit what came

@@ -1,5 +1,6 @@
 //! The gRPC door: tonic services, and the conversion between protobuf and domain types.
 
+pub mod admin;
 pub mod auth;
 pub mod lifecycle;
 pub mod parse;

@@ -19,19 +19,26 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use super::admin::AdminService;
 use super::auth::Tokens;
 use super::lifecycle::{snapshot_periodically, start_node, write_snapshot, DataDir};
 use super::parse;
 use super::request_log::RequestLog;
 use super::service::ScorerService;
 use super::tls::TlsFiles;
+use crate::admin::ModelAdmin;
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::Durability;
+use crate::journal::JOURNAL_FILE;
 use crate::metrics::{self, Metrics};
 use crate::model::Model;
 use crate::node::Node;
 use crate::policy::{Policy, PolicyFile};
-use crate::proto::{self, fraud_scorer_server::FraudScorerServer};
+use crate::proto::{
+    self, fraud_scorer_server::FraudScorerServer, model_admin_server::ModelAdminServer,
+};
+use crate::registry::ModelRegistry;
+use crate::retrain::RetrainParams;
 
 /// Largest request accepted, in bytes; a transaction is a few hundred.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -78,6 +85,14 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
     /// Log account ids as keyed hashes, not as sent.
     pub redact: bool,
+    /// Tokens the ModelAdmin service requires (none: the scoring tokens, if any).
+    pub admin_tokens: Option<Tokens>,
+    /// How retraining from the journal fits and judges a challenger.
+    pub retrain: RetrainParams,
+    /// How often to retrain and promote a better challenger (none: only on demand).
+    pub retrain_every: Option<Duration>,
+    /// Average precision a challenger must gain over the champion to be promoted.
+    pub promotion_margin: f64,
 }
 
 impl Default for ServeConfig {
@@ -100,16 +115,33 @@ impl Default for ServeConfig {
             shadow: false,
             tls: None,
             redact: false,
+            admin_tokens: None,
+            retrain: RetrainParams::default(),
+            retrain_every: None,
+            promotion_margin: 0.005,
         }
     }
 }
 
-/// Loads the model and policy and builds the engine.
-pub fn build_engine(config: &ServeConfig) -> anyhow::Result<Engine> {
-    let model = match &config.model {
-        ModelSource::Embedded => Model::embedded_default()?,
-        ModelSource::Dir(dir) => Model::load(dir)?,
+/// Loads the model and policy and builds the engine. The model is `--model` if given, else
+/// the one last promoted in `registry`, else the embedded one; it is registered (and recorded
+/// as promoted if it is not the registry's current one already).
+pub fn build_engine(config: &ServeConfig, registry: &ModelRegistry) -> anyhow::Result<Engine> {
+    let model = match (&config.model, registry.current()) {
+        (ModelSource::Dir(dir), _) => Arc::new(Model::load(dir)?),
+        (ModelSource::Embedded, Some(current)) => {
+            let model = registry
+                .load(&current)
+                .context("loading the model last promoted (models/registry.json)")?;
+            info!(model = %current, "serving the model last promoted");
+            model
+        }
+        (ModelSource::Embedded, None) => Arc::new(Model::embedded_default()?),
     };
+    registry.register(Arc::clone(&model), "startup", None)?;
+    if registry.current().as_deref() != Some(&*model.version) {
+        registry.promoted(&model.version)?;
+    }
     let policy = match &config.policy {
         Some(path) => Policy::load(path, model.meta.thresholds)?,
         None => Policy::new(PolicyFile::default(), model.meta.thresholds)?,
@@ -191,6 +223,21 @@ pub async fn run(
             Some(t) => t.check(req).inspect_err(|_| refusals.unauthenticated()),
             None => Ok(req),
         });
+    let admin_cell: Arc<OnceLock<Arc<ModelAdmin>>> = Arc::new(OnceLock::new());
+    let admin_tokens = config
+        .admin_tokens
+        .clone()
+        .or_else(|| config.tokens.clone());
+    let admin_refusals = Arc::clone(&metrics);
+    let admin_service = tonic::service::interceptor::InterceptedService::new(
+        ModelAdminServer::new(AdminService::new(Arc::clone(&admin_cell))),
+        move |req| match &admin_tokens {
+            Some(t) => t
+                .check(req)
+                .inspect_err(|_| admin_refusals.unauthenticated()),
+            None => Ok(req),
+        },
+    );
     let mut builder = Server::builder();
     if let Some(tls) = &config.tls {
         builder = builder
@@ -210,6 +257,7 @@ pub async fn run(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(scorer)
+            .add_service(admin_service)
             // TCP_NODELAY: without it Nagle's algorithm and delayed ACKs add ~40 ms to
             // small request/response exchanges.
             .serve_with_incoming_shutdown(
@@ -230,14 +278,22 @@ pub async fn run(
     .await
     .map_err(|e| anyhow::anyhow!("the start-up task panicked: {e}"))
     .and_then(|r| r);
-    let node = match started {
-        Ok(node) => Arc::new(node),
+    let (node, registry) = match started {
+        Ok((node, registry)) => (Arc::new(node), registry),
         Err(e) => {
             let _ = stop_tx.send(());
             return Err(e);
         }
     };
     let _ = node_cell.set(Arc::clone(&node));
+    let admin = Arc::new(ModelAdmin::new(
+        Arc::clone(&node),
+        registry,
+        data.as_ref().map(|d| d.path.join(JOURNAL_FILE)),
+        config.retrain.clone(),
+        config.promotion_margin,
+    ));
+    let _ = admin_cell.set(Arc::clone(&admin));
     metrics.set_node(Arc::clone(&node));
     set_health(&health, ServingStatus::Serving).await;
     info!(%addr, "serving");
@@ -250,6 +306,9 @@ pub async fn run(
         .policy
         .clone()
         .map(|path| tokio::spawn(super::reload::watch(Arc::clone(node.engine()), path)));
+    let retrainer = config
+        .retrain_every
+        .map(|every| tokio::spawn(retrain_periodically(Arc::clone(&admin), every)));
     let snapshotter = data.as_ref().map(|d| {
         tokio::spawn(snapshot_periodically(
             Arc::clone(&node),
@@ -264,7 +323,7 @@ pub async fn run(
         result = &mut server => Some(result),
     };
     evictor.abort();
-    for task in [&snapshotter, &reloader].into_iter().flatten() {
+    for task in [&snapshotter, &reloader, &retrainer].into_iter().flatten() {
         task.abort();
     }
     if let Some(result) = early {
@@ -285,6 +344,8 @@ pub async fn run(
         // Nothing new can reach the engine now: flush, snapshot, close the journal.
         write_snapshot(&node, &data.path).await?;
         drop(node_cell);
+        drop(admin);
+        drop(admin_cell);
         let node = Arc::into_inner(node);
         if let Some(journal) = node.and_then(|n| n.into_journal()) {
             tokio::task::spawn_blocking(move || journal.close())
@@ -304,6 +365,18 @@ pub async fn run(
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(SCORER, status).await;
+}
+
+/// Retrains every `every` and promotes a challenger that beats the champion by the margin.
+async fn retrain_periodically(admin: Arc<ModelAdmin>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = admin.retrain(true, None).await {
+            warn!(error = %e, "scheduled retraining did not produce a challenger");
+        }
+    }
 }
 
 async fn evict_periodically(engine: Arc<Engine>, every: Duration) {
