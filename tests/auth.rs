@@ -70,3 +70,42 @@ async fn calls_need_an_accepted_bearer_token_and_health_stays_open() {
         .status;
     assert_eq!(status, 1);
 }
+
+/// ModelAdmin takes the admin token only, when one is configured; the scoring token is not
+/// enough, and the admin token does not open the scoring service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_need_the_admin_token() {
+    const ADMIN: &str = "admin-token-0123456789";
+    let server = TestServer::start_with(ServeConfig {
+        tokens: Some(Tokens::parse(TOKEN).unwrap()),
+        admin_tokens: Some(Tokens::parse(ADMIN).unwrap()),
+        ..ServeConfig::default()
+    })
+    .await;
+    let mut admin =
+        fraudgate::proto::model_admin_client::ModelAdminClient::new(server.channel().await);
+    let call = |token: Option<&str>| {
+        let mut r = tonic::Request::new(fraudgate::proto::GetCurrentModelRequest {});
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        r
+    };
+    for token in [None, Some(TOKEN)] {
+        let err = admin.get_current_model(call(token)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
+    }
+    let status = admin
+        .get_current_model(call(Some(ADMIN)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.model.unwrap().version.starts_with("fg-"));
+    let mut client = server.client().await;
+    let err = client
+        .score(with_token(ADMIN, req(tx("t-9", "a", "m", 100, 0))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
