@@ -6,6 +6,7 @@
 //! scores it, and [`policy`] turns the score into a decision with reasons.
 
 pub mod admin;
+pub mod backtest;
 pub mod breaker;
 pub mod config;
 pub mod dataset;
