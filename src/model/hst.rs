@@ -184,6 +184,16 @@ impl HalfSpaceTrees {
     /// The mass score of `x` against the reference window (higher = more normal), then
     /// learns `x` into the latest window.
     pub fn score_and_learn(&self, x: &FeatureVector) -> f64 {
+        self.step::<true>(x)
+    }
+
+    /// The mass score of `x`, without learning it (for measuring what learning from a point
+    /// is worth; serving always learns).
+    pub fn score_only(&self, x: &FeatureVector) -> f64 {
+        self.step::<false>(x)
+    }
+
+    fn step<const LEARN: bool>(&self, x: &FeatureVector) -> f64 {
         let mut point = [0.0f64; MAX_DIMS];
         for (p, &(i, lo, hi)) in point.iter_mut().zip(&self.dims) {
             *p = ((x[i] - lo) / (hi - lo)).clamp(0.0, 1.0);
@@ -215,14 +225,21 @@ impl HalfSpaceTrees {
                     score += m as f64 * (1u64 << level) as f64;
                     scored = true;
                 }
-                lats[node] = lats[node].saturating_add(1);
+                if LEARN {
+                    lats[node] = lats[node].saturating_add(1);
+                }
                 let left = point[dims[node] as usize & (MAX_DIMS - 1)] < ats[node];
                 node = 2 * node + 2 - usize::from(left);
             }
             if !scored {
                 score += refs[node] as f64 * (1u64 << depth) as f64;
             }
-            lats[node] = lats[node].saturating_add(1);
+            if LEARN {
+                lats[node] = lats[node].saturating_add(1);
+            }
+        }
+        if !LEARN {
+            return score;
         }
         mass.seen += 1;
         if mass.seen >= self.params.window {
