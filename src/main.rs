@@ -275,11 +275,11 @@ struct TrainArgs {
     #[arg(long, default_value_t = 21)]
     holdout_days: u32,
     /// Most rows to fit on (all frauds, legitimate rows sampled and weighted).
-    #[arg(long, default_value_t = 150_000)]
+    #[arg(long, default_value_t = 400_000)]
     max_fit_rows: usize,
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 60)]
     trees: usize,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 16)]
     max_depth: u16,
     #[arg(long, default_value_t = 5)]
     min_samples_leaf: usize,

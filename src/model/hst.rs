@@ -17,7 +17,28 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{FeatureVector, FEATURES};
+use crate::features::{FeatureVector, FEATURES, N_FEATURES};
+
+/// Per feature, in feature order, the range the anomaly model maps onto [0, 1] (none: the
+/// feature is not used). Chosen from the training data by `train`, stored in `model.json`.
+pub type AnomalyRanges = Vec<Option<[f64; 2]>>;
+
+/// Ranges from training data: the 0.5th and 99.5th percentiles of each of `rows`' features
+/// that `use_feature` accepts (none for a feature that is constant there).
+pub fn ranges_from(rows: &[&FeatureVector], use_feature: impl Fn(usize) -> bool) -> AnomalyRanges {
+    (0..N_FEATURES)
+        .map(|i| {
+            if !use_feature(i) || rows.is_empty() {
+                return None;
+            }
+            let mut v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+            v.sort_by(f64::total_cmp);
+            let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+            let (lo, hi) = (at(0.005), at(0.995));
+            (hi > lo).then_some([lo, hi])
+        })
+        .collect()
+}
 
 /// Features the trees split on: those with an anomaly range.
 const fn anomaly_dims() -> usize {
@@ -93,13 +114,27 @@ impl HalfSpaceTrees {
 
     /// Builds the trees for `params`, with empty masses. A window above 65,535 is capped
     /// there (masses are 16-bit).
-    pub fn new(mut params: HstParams) -> HalfSpaceTrees {
+    pub fn new(params: HstParams) -> HalfSpaceTrees {
+        HalfSpaceTrees::with_ranges(params, None)
+    }
+
+    /// Builds the trees over `ranges` (per feature, in feature order: the range mapped onto
+    /// [0, 1], or none to leave the feature out); without them, over the fixed ranges of
+    /// [`FEATURES`].
+    pub fn with_ranges(mut params: HstParams, ranges: Option<&AnomalyRanges>) -> HalfSpaceTrees {
         params.window = params.window.clamp(1, u16::MAX as u32);
-        let dims: Vec<(usize, f64, f64)> = FEATURES
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| f.anomaly_range.map(|(lo, hi)| (i, lo, hi)))
-            .collect();
+        let dims: Vec<(usize, f64, f64)> = match ranges {
+            Some(ranges) => ranges
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.map(|[lo, hi]| (i, lo, hi)))
+                .collect(),
+            None => FEATURES
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| f.anomaly_range.map(|(lo, hi)| (i, lo, hi)))
+                .collect(),
+        };
         let internal = (1usize << params.depth) - 1;
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
         let mut split_dim = Vec::with_capacity(params.n_trees * internal);
@@ -147,9 +182,23 @@ impl HalfSpaceTrees {
         }
     }
 
-    /// Builds the trees for `params` and starts from saved masses.
-    pub fn with_mass(params: HstParams, mass: HstMass) -> anyhow::Result<HalfSpaceTrees> {
-        let hst = HalfSpaceTrees::new(params);
+    /// Builds the trees for `params` and `ranges` and starts from saved masses.
+    pub fn with_mass(
+        params: HstParams,
+        ranges: Option<&AnomalyRanges>,
+        mass: HstMass,
+    ) -> anyhow::Result<HalfSpaceTrees> {
+        if let Some(r) = ranges {
+            anyhow::ensure!(
+                r.len() == N_FEATURES
+                    && r.iter()
+                        .flatten()
+                        .all(|[lo, hi]| lo.is_finite() && hi.is_finite() && lo < hi)
+                    && r.iter().flatten().count() > 0,
+                "anomaly ranges: need one per feature, each with low < high"
+            );
+        }
+        let hst = HalfSpaceTrees::with_ranges(params, ranges);
         let nodes = params.n_trees * hst.nodes();
         anyhow::ensure!(
             mass.reference.len() == nodes && mass.latest.len() == nodes,
@@ -257,7 +306,6 @@ impl HalfSpaceTrees {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::N_FEATURES;
 
     fn point(v: f64) -> FeatureVector {
         let mut x = [0.0; N_FEATURES];

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::features::{self, FeatureVector, N_FEATURES};
 use forest::{CompiledForest, ForestParams, Node};
-use hst::{HalfSpaceTrees, HstMass, HstParams};
+use hst::{AnomalyRanges, HalfSpaceTrees, HstMass, HstParams};
 
 /// Version of the model directory layout this code reads and writes.
 pub const FORMAT: u32 = 1;
@@ -74,6 +74,10 @@ pub struct AnomalyMeta {
     /// Quantiles of the mass score over the training replay, ascending: the anomaly
     /// sub-score is the share of training traffic that was more normal.
     pub mass_quantiles: Vec<f64>,
+    /// The range of each feature the trees split on, chosen on training data (absent:
+    /// the fixed ranges of the feature table, as in models trained before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<AnomalyRanges>,
 }
 
 /// `model.json`.
@@ -182,6 +186,7 @@ impl Model {
                 kind: "half_space_trees".into(),
                 params,
                 mass_quantiles: Vec::new(),
+                ranges: None,
             },
             anomaly_weight: 1.0,
             thresholds: Thresholds {
@@ -231,7 +236,8 @@ impl Model {
             "anomaly_weight {} is outside [0, 1]",
             meta.anomaly_weight
         );
-        let anomaly = HalfSpaceTrees::with_mass(meta.anomaly.params, mass)?;
+        let anomaly =
+            HalfSpaceTrees::with_mass(meta.anomaly.params, meta.anomaly.ranges.as_ref(), mass)?;
         Ok(Model {
             version: meta.version.as_str().into(),
             meta,
