@@ -91,8 +91,12 @@ fn bench(c: &mut Criterion) {
 
     let model = Model::embedded_default().expect("model");
     let x = features::extract(&tx, &snapshot);
-    let hst =
-        HalfSpaceTrees::with_mass(model.meta.anomaly.params, model.anomaly_mass()).expect("hst");
+    let hst = HalfSpaceTrees::with_mass(
+        model.meta.anomaly.params,
+        model.meta.anomaly.ranges.as_ref(),
+        model.anomaly_mass(),
+    )
+    .expect("hst");
     c.bench_function("stage: anomaly (half-space trees, score + learn)", |b| {
         b.iter(|| black_box(hst.score_and_learn(black_box(&x))))
     });
