@@ -94,12 +94,22 @@ pub struct HstMass {
 #[derive(Debug)]
 pub struct HalfSpaceTrees {
     params: HstParams,
-    /// Feature indices the trees split on, with their ranges.
+    /// Feature indices the trees split on, with their ranges. This and the normalised splits
+    /// below define the trees; scoring uses the raw-unit copies (the tests walk these).
+    #[cfg_attr(not(test), allow(dead_code))]
     dims: Vec<(usize, f64, f64)>,
     /// Per tree, per internal node (heap order): index into `dims`, and split value in [0, 1]
     /// units.
+    #[cfg_attr(not(test), allow(dead_code))]
     split_dim: Vec<u8>,
+    #[cfg_attr(not(test), allow(dead_code))]
     split_at: Vec<f64>,
+    /// The same splits in the features' own units: the feature index, and the threshold a
+    /// raw value is compared with (infinite where the split lies outside the feature's
+    /// range, so the comparison equals the one on the value clamped into the range). Scoring
+    /// walks these and never normalises the point.
+    split_feature: Vec<u8>,
+    split_raw: Vec<f64>,
     mass: Mutex<HstMass>,
 }
 
@@ -169,11 +179,21 @@ impl HalfSpaceTrees {
             split_at.extend(tree_at);
         }
         let nodes = params.n_trees * ((1 << (params.depth + 1)) - 1);
+        let (split_feature, split_raw) = split_dim
+            .iter()
+            .zip(&split_at)
+            .map(|(&d, &at)| {
+                let (feature, lo, hi) = dims[d as usize];
+                (feature as u8, raw_threshold(at, lo, hi))
+            })
+            .unzip();
         HalfSpaceTrees {
             params,
             dims,
             split_dim,
             split_at,
+            split_feature,
+            split_raw,
             mass: Mutex::new(HstMass {
                 reference: vec![0; nodes],
                 latest: vec![0; nodes],
@@ -243,10 +263,9 @@ impl HalfSpaceTrees {
     }
 
     fn step<const LEARN: bool>(&self, x: &FeatureVector) -> f64 {
+        // Padded to a power of two, so a masked index needs no bounds check.
         let mut point = [0.0f64; MAX_DIMS];
-        for (p, &(i, lo, hi)) in point.iter_mut().zip(&self.dims) {
-            *p = ((x[i] - lo) / (hi - lo)).clamp(0.0, 1.0);
-        }
+        point[..N_FEATURES].copy_from_slice(x);
         let (internal, nodes, depth) = (self.internal(), self.nodes(), self.params.depth);
         let size_limit = (self.params.window / 10).max(1) as u16;
         let mut mass = self.mass.lock();
@@ -254,38 +273,36 @@ impl HalfSpaceTrees {
             reference, latest, ..
         } = &mut *mass;
         let mut score = 0.0;
-        // One tree at a time through per-tree slices: the indexing below stays within a
-        // slice whose length the loop knows, which keeps the inner loop short.
-        let trees = self
-            .split_dim
-            .chunks_exact(internal)
-            .zip(self.split_at.chunks_exact(internal))
-            .zip(
-                reference
-                    .chunks_exact(nodes)
-                    .zip(latest.chunks_exact_mut(nodes)),
+        // Trees are walked LANES at a time, in lockstep: each walk is a chain of dependent
+        // loads (node -> split -> next node), and interleaving independent chains lets the
+        // CPU overlap them. Masses are integers and the score a sum of integers, so the
+        // order of the sum does not change a bit of it.
+        let group = |lanes: usize| (internal * lanes, nodes * lanes);
+        let (int_g, nodes_g) = group(LANES);
+        let full = self.params.n_trees / LANES * LANES;
+        let (dims_full, dims_rest) = self.split_feature.split_at(full * internal);
+        let (ats_full, ats_rest) = self.split_raw.split_at(full * internal);
+        let (refs_full, refs_rest) = reference.split_at(full * nodes);
+        let (lats_full, lats_rest) = latest.split_at_mut(full * nodes);
+        for (((dims, ats), refs), lats) in dims_full
+            .chunks_exact(int_g)
+            .zip(ats_full.chunks_exact(int_g))
+            .zip(refs_full.chunks_exact(nodes_g))
+            .zip(lats_full.chunks_exact_mut(nodes_g))
+        {
+            score += walk::<LANES, LEARN>(
+                &point, dims, ats, refs, lats, internal, nodes, depth, size_limit,
             );
-        for ((dims, ats), (refs, lats)) in trees {
-            let mut node = 0usize;
-            let mut scored = false;
-            for level in 0..depth {
-                let m = refs[node];
-                if !scored && m < size_limit {
-                    score += m as f64 * (1u64 << level) as f64;
-                    scored = true;
-                }
-                if LEARN {
-                    lats[node] = lats[node].saturating_add(1);
-                }
-                let left = point[dims[node] as usize & (MAX_DIMS - 1)] < ats[node];
-                node = 2 * node + 2 - usize::from(left);
-            }
-            if !scored {
-                score += refs[node] as f64 * (1u64 << depth) as f64;
-            }
-            if LEARN {
-                lats[node] = lats[node].saturating_add(1);
-            }
+        }
+        for (((dims, ats), refs), lats) in dims_rest
+            .chunks_exact(internal)
+            .zip(ats_rest.chunks_exact(internal))
+            .zip(refs_rest.chunks_exact(nodes))
+            .zip(lats_rest.chunks_exact_mut(nodes))
+        {
+            score += walk::<1, LEARN>(
+                &point, dims, ats, refs, lats, internal, nodes, depth, size_limit,
+            );
         }
         if !LEARN {
             return score;
@@ -301,6 +318,68 @@ impl HalfSpaceTrees {
         }
         score
     }
+}
+
+/// The raw-unit threshold equivalent to split `at` (in [0, 1] units of the range lo..hi) on
+/// a value clamped into the range: `clamp((x - lo) / (hi - lo), 0, 1) < at`.
+fn raw_threshold(at: f64, lo: f64, hi: f64) -> f64 {
+    if at <= 0.0 {
+        f64::NEG_INFINITY // never left
+    } else if at > 1.0 {
+        f64::INFINITY // always left
+    } else {
+        lo + at * (hi - lo)
+    }
+}
+
+/// Trees walked together; see [`HalfSpaceTrees::score_and_learn`].
+const LANES: usize = 5;
+
+/// Walks `L` consecutive trees (their splits and masses in the given slices) in lockstep
+/// and returns their summed mass score, learning the point if `LEARN`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn walk<const L: usize, const LEARN: bool>(
+    point: &[f64; MAX_DIMS],
+    dims: &[u8],
+    ats: &[f64],
+    refs: &[u16],
+    lats: &mut [u16],
+    internal: usize,
+    nodes: usize,
+    depth: u32,
+    size_limit: u16,
+) -> f64 {
+    let mut node = [0usize; L];
+    let mut scored = [false; L];
+    // Masses times powers of two: integers, summed exactly.
+    let mut score = 0u64;
+    for level in 0..depth {
+        for l in 0..L {
+            let (n, at) = (node[l], l * nodes + node[l]);
+            let m = refs[at];
+            if !scored[l] && m < size_limit {
+                score += u64::from(m) << level;
+                scored[l] = true;
+            }
+            if LEARN {
+                lats[at] = lats[at].saturating_add(1);
+            }
+            let split = l * internal + n;
+            let left = point[dims[split] as usize & (MAX_DIMS - 1)] < ats[split];
+            node[l] = 2 * n + 2 - usize::from(left);
+        }
+    }
+    for l in 0..L {
+        let at = l * nodes + node[l];
+        if !scored[l] {
+            score += u64::from(refs[at]) << depth;
+        }
+        if LEARN {
+            lats[at] = lats[at].saturating_add(1);
+        }
+    }
+    score as f64
 }
 
 #[cfg(test)]
@@ -326,6 +405,66 @@ mod tests {
         let common = hst.score_and_learn(&point(3.05));
         let rare = hst.score_and_learn(&point(9.5));
         assert!(rare < common, "rare {rare} should be below common {common}");
+    }
+
+    /// The lockstep walk against a plain one-tree-at-a-time walk, learning included.
+    #[test]
+    fn lockstep_walk_equals_the_plain_walk() {
+        let params = HstParams {
+            n_trees: 27, // five groups of five, and two trees walked alone
+            window: 300,
+            ..HstParams::default()
+        };
+        let hst = HalfSpaceTrees::new(params);
+        let mut plain = hst.mass();
+        let (internal, nodes, depth) = (hst.internal(), hst.nodes(), params.depth);
+        let size_limit = (params.window / 10) as u16;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..2_000 {
+            let mut x = [0.0; N_FEATURES];
+            x.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..400.0));
+            let mut point = [0.0f64; MAX_DIMS];
+            for (p, &(i, lo, hi)) in point.iter_mut().zip(&hst.dims) {
+                *p = ((x[i] - lo) / (hi - lo)).clamp(0.0, 1.0);
+            }
+            // Keep clear of split boundaries, where normalising rounds either way.
+            let near = hst
+                .split_dim
+                .iter()
+                .zip(&hst.split_at)
+                .any(|(&d, &at)| (point[d as usize] - at).abs() < 1e-9);
+            if near {
+                continue;
+            }
+            let mut expected = 0.0;
+            for t in 0..params.n_trees {
+                let (mut node, mut scored) = (0usize, false);
+                for level in 0..depth {
+                    let m = plain.reference[t * nodes + node];
+                    if !scored && m < size_limit {
+                        expected += m as f64 * (1u64 << level) as f64;
+                        scored = true;
+                    }
+                    plain.latest[t * nodes + node] += 1;
+                    let split = t * internal + node;
+                    let left = point[hst.split_dim[split] as usize] < hst.split_at[split];
+                    node = 2 * node + 2 - usize::from(left);
+                }
+                if !scored {
+                    expected += plain.reference[t * nodes + node] as f64 * (1u64 << depth) as f64;
+                }
+                plain.latest[t * nodes + node] += 1;
+            }
+            plain.seen += 1;
+            if plain.seen >= params.window {
+                std::mem::swap(&mut plain.reference, &mut plain.latest);
+                plain.latest.iter_mut().for_each(|m| *m = 0);
+                plain.seen = 0;
+            }
+            assert_eq!(hst.score_only(&x).to_bits(), expected.to_bits());
+            assert_eq!(hst.score_and_learn(&x).to_bits(), expected.to_bits());
+            assert_eq!(hst.mass(), plain);
+        }
     }
 
     #[test]
