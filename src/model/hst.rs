@@ -358,10 +358,11 @@ fn walk<const L: usize, const LEARN: bool>(
         for l in 0..L {
             let (n, at) = (node[l], l * nodes + node[l]);
             let m = refs[at];
-            if !scored[l] && m < size_limit {
-                score += u64::from(m) << level;
-                scored[l] = true;
-            }
+            // Branch-free: where a walk first meets a small mass is data-dependent, and a
+            // mispredicted branch per tree costs more than the arithmetic.
+            let first = !scored[l] & (m < size_limit);
+            score += (u64::from(m) * u64::from(first)) << level;
+            scored[l] |= first;
             if LEARN {
                 lats[at] = lats[at].saturating_add(1);
             }
