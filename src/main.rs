@@ -277,7 +277,7 @@ struct TrainArgs {
     /// Most rows to fit on (all frauds, legitimate rows sampled and weighted).
     #[arg(long, default_value_t = 400_000)]
     max_fit_rows: usize,
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 40)]
     trees: usize,
     #[arg(long, default_value_t = 16)]
     max_depth: u16,
