@@ -23,7 +23,7 @@ use crate::drift::DriftReference;
 use crate::features::{FeatureVector, N_FEATURES};
 use crate::model::forest::{fit_smartcore, CompiledForest, ForestParams};
 use crate::model::{ClassifierMeta, Metrics, Model, Thresholds, TrainingSummary};
-use crate::train;
+use crate::train::{self, rfc3339};
 
 /// How to retrain.
 #[derive(Debug, Clone)]
@@ -214,13 +214,7 @@ pub fn challenger(
         rfc3339(eval.first().map_or(last, |r| r.time)),
         rfc3339(last),
     ];
-    let forest_hash = xxhash_rust::xxh3::xxh3_64(&serde_json::to_vec(&forest)?);
-    let version = format!(
-        "fg-{}-{forest_hash:012x}",
-        chrono::DateTime::from_timestamp(last, 0)
-            .map(|d| d.format("%Y%m%d").to_string())
-            .unwrap_or_default()
-    );
+    let version = train::model_version(&forest, last)?;
     let mut meta = champion.meta.clone();
     meta.version = version;
     meta.classifier = Some(ClassifierMeta {
@@ -261,10 +255,4 @@ pub fn challenger(
         },
         model,
     })
-}
-
-fn rfc3339(t: i64) -> String {
-    chrono::DateTime::from_timestamp(t, 0)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
 }

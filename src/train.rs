@@ -256,7 +256,20 @@ pub fn quantile(values: &[f64], q: f64) -> f64 {
     sorted.get(rank).copied().unwrap_or(1.0)
 }
 
-fn rfc3339(t: i64) -> String {
+/// A model's version: the day of the newest event it learned from and a hash of its forest,
+/// so the same training gives the same version and different forests never share one.
+pub fn model_version(forest: &CompiledForest, newest_event: i64) -> anyhow::Result<String> {
+    let forest_hash = xxhash_rust::xxh3::xxh3_64(&serde_json::to_vec(forest)?);
+    Ok(format!(
+        "fg-{}-{forest_hash:012x}",
+        chrono::DateTime::from_timestamp(newest_event, 0)
+            .map(|d| d.format("%Y%m%d").to_string())
+            .unwrap_or_default()
+    ))
+}
+
+/// An event time as RFC 3339 (UTC, seconds).
+pub fn rfc3339(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
@@ -399,13 +412,7 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         .collect();
     let hold_metrics = metrics(&hold_scores, &hold_truth);
 
-    let forest_hash = xxhash_rust::xxh3::xxh3_64(&serde_json::to_vec(&forest)?);
-    let version = format!(
-        "fg-{}-{forest_hash:012x}",
-        chrono::DateTime::from_timestamp(last, 0)
-            .map(|d| d.format("%Y%m%d").to_string())
-            .unwrap_or_default()
-    );
+    let version = model_version(&forest, last)?;
     let summary = TrainingSummary {
         input: params.input.display().to_string(),
         rows: rows.len(),

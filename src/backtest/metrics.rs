@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::Answered;
 use crate::proto::Decision;
-use crate::train;
+use crate::train::{self, rfc3339};
 
 /// Precision and recall of one decision (or of review and deny together).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -112,12 +112,6 @@ fn decision_figures(
             frauds as f64 / total_frauds as f64
         },
     }
-}
-
-fn rfc3339(t: i64) -> String {
-    chrono::DateTime::from_timestamp(t, 0)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
 }
 
 /// Measures `answers` (the evaluation period, in event-time order).
