@@ -81,10 +81,17 @@ impl Default for HstParams {
 }
 
 /// The learned part: node masses, saved in a model directory so a server starts warm.
+///
+/// A node's mass is the number of points whose path passed through it, which is the sum of
+/// its children's masses: so while a window fills, only the leaves of `latest` are counted
+/// (one increment per tree instead of one per level) and the inner nodes are summed from
+/// them when the window closes, or when the masses are copied out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HstMass {
     /// Masses are at most `window` (<= 65,535), so 16 bits each: half the cache footprint.
     pub reference: Vec<u16>,
+    /// Complete when copied out by [`HalfSpaceTrees::mass`]; inside the model, only its
+    /// leaves are current.
     pub latest: Vec<u16>,
     /// Transactions in `latest` so far.
     pub seen: u32,
@@ -245,9 +252,22 @@ impl HalfSpaceTrees {
         self.params
     }
 
-    /// A copy of the current masses, for saving.
+    /// A copy of the current masses, for saving, with the inner nodes of the latest window
+    /// summed from its leaves.
     pub fn mass(&self) -> HstMass {
-        self.mass.lock().clone()
+        let mut mass = self.mass.lock().clone();
+        self.sum_inner_nodes(&mut mass.latest);
+        mass
+    }
+
+    /// Sets every inner node of every tree in `masses` to the sum of its two children.
+    fn sum_inner_nodes(&self, masses: &mut [u16]) {
+        let internal = self.internal();
+        for tree in masses.chunks_exact_mut(self.nodes()) {
+            for node in (0..internal).rev() {
+                tree[node] = tree[2 * node + 1].saturating_add(tree[2 * node + 2]);
+            }
+        }
     }
 
     /// The mass score of `x` against the reference window (higher = more normal), then
@@ -312,6 +332,7 @@ impl HalfSpaceTrees {
             let HstMass {
                 reference, latest, ..
             } = &mut *mass;
+            self.sum_inner_nodes(latest);
             std::mem::swap(reference, latest);
             latest.iter_mut().for_each(|m| *m = 0);
             mass.seen = 0;
@@ -336,7 +357,8 @@ fn raw_threshold(at: f64, lo: f64, hi: f64) -> f64 {
 const LANES: usize = 5;
 
 /// Walks `L` consecutive trees (their splits and masses in the given slices) in lockstep
-/// and returns their summed mass score, learning the point if `LEARN`.
+/// and returns their summed mass score, learning the point (counting it in the leaf it
+/// reaches: see [`HstMass`]) if `LEARN`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn walk<const L: usize, const LEARN: bool>(
@@ -363,9 +385,6 @@ fn walk<const L: usize, const LEARN: bool>(
             let first = !scored[l] & (m < size_limit);
             score += (u64::from(m) * u64::from(first)) << level;
             scored[l] |= first;
-            if LEARN {
-                lats[at] = lats[at].saturating_add(1);
-            }
             let split = l * internal + n;
             let left = point[dims[split] as usize & (MAX_DIMS - 1)] < ats[split];
             node[l] = 2 * n + 2 - usize::from(left);
