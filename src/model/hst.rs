@@ -7,8 +7,13 @@
 //! latest window (being filled). Every `window` transactions the latest becomes the
 //! reference. A transaction in sparsely populated space has a low mass, hence a high anomaly.
 //!
+//! A point's score depends only on the leaf it reaches in each tree (the path to a leaf is
+//! fixed), so the score of every leaf is computed once when a window closes, and scoring a
+//! point is a descent through the splits — which never change and need no lock — followed by
+//! one lookup and one count per tree.
+//!
 //! Shared by every request through the [`crate::model::Model`]; the masses sit behind one
-//! mutex held for a few hundred nanoseconds per transaction (never across an await), which
+//! mutex held for the lookups and counts (tens of nanoseconds; never across an await), which
 //! also makes the learning order — and so every score — deterministic for a given order of
 //! requests.
 
@@ -59,6 +64,11 @@ const MAX_DIMS: usize = 32;
 const _: () = assert!(MAX_DIMS.is_power_of_two());
 const _: () = assert!(anomaly_dims() > 0 && anomaly_dims() <= MAX_DIMS);
 
+/// Bounds on the forest's shape: the leaves a point reaches are kept on the stack, and a
+/// leaf's score (a 16-bit mass shifted by at most the depth) fits 32 bits.
+pub const MAX_TREES: usize = 256;
+pub const MAX_DEPTH: u32 = 16;
+
 /// Shape of the forest of half-space trees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HstParams {
@@ -97,6 +107,16 @@ pub struct HstMass {
     pub seen: u32,
 }
 
+/// What the trees have learned, behind the forest's one mutex.
+#[derive(Debug)]
+struct Learned {
+    mass: HstMass,
+    /// Per tree, per leaf: the score of a point reaching it against `mass.reference` (the
+    /// first mass below the size limit on its path, times 2^level, or the leaf's mass times
+    /// 2^depth). Recomputed whenever the reference changes.
+    leaf_score: Vec<u32>,
+}
+
 /// A forest of half-space trees over the features that have an anomaly range.
 #[derive(Debug)]
 pub struct HalfSpaceTrees {
@@ -117,7 +137,7 @@ pub struct HalfSpaceTrees {
     /// walks these and never normalises the point.
     split_feature: Vec<u8>,
     split_raw: Vec<f64>,
-    mass: Mutex<HstMass>,
+    learned: Mutex<Learned>,
 }
 
 impl HalfSpaceTrees {
@@ -130,7 +150,8 @@ impl HalfSpaceTrees {
     }
 
     /// Builds the trees for `params`, with empty masses. A window above 65,535 is capped
-    /// there (masses are 16-bit).
+    /// there (masses are 16-bit), and the trees and depth at [`MAX_TREES`] and
+    /// [`MAX_DEPTH`].
     pub fn new(params: HstParams) -> HalfSpaceTrees {
         HalfSpaceTrees::with_ranges(params, None)
     }
@@ -140,6 +161,8 @@ impl HalfSpaceTrees {
     /// [`FEATURES`].
     pub fn with_ranges(mut params: HstParams, ranges: Option<&AnomalyRanges>) -> HalfSpaceTrees {
         params.window = params.window.clamp(1, u16::MAX as u32);
+        params.n_trees = params.n_trees.clamp(1, MAX_TREES);
+        params.depth = params.depth.clamp(1, MAX_DEPTH);
         let dims: Vec<(usize, f64, f64)> = match ranges {
             Some(ranges) => ranges
                 .iter()
@@ -194,19 +217,25 @@ impl HalfSpaceTrees {
                 (feature as u8, raw_threshold(at, lo, hi))
             })
             .unzip();
-        HalfSpaceTrees {
+        let mut hst = HalfSpaceTrees {
             params,
             dims,
             split_dim,
             split_at,
             split_feature,
             split_raw,
-            mass: Mutex::new(HstMass {
-                reference: vec![0; nodes],
-                latest: vec![0; nodes],
-                seen: 0,
+            learned: Mutex::new(Learned {
+                mass: HstMass {
+                    reference: vec![0; nodes],
+                    latest: vec![0; nodes],
+                    seen: 0,
+                },
+                leaf_score: vec![0; params.n_trees << params.depth],
             }),
-        }
+        };
+        let learned = hst.learned.get_mut();
+        hst_leaf_scores(&params, &learned.mass.reference, &mut learned.leaf_score);
+        hst
     }
 
     /// Builds the trees for `params` and `ranges` and starts from saved masses.
@@ -225,14 +254,15 @@ impl HalfSpaceTrees {
                 "anomaly ranges: need one per feature, each with low < high"
             );
         }
-        let hst = HalfSpaceTrees::with_ranges(params, ranges);
-        let nodes = params.n_trees * hst.nodes();
         anyhow::ensure!(
-            mass.reference.len() == nodes && mass.latest.len() == nodes,
-            "anomaly model masses have {} nodes, the parameters need {nodes}",
-            mass.reference.len()
+            (1..=MAX_TREES).contains(&params.n_trees) && (1..=MAX_DEPTH).contains(&params.depth),
+            "anomaly model: {} trees of depth {}, at most {MAX_TREES} trees of depth 1 to \
+             {MAX_DEPTH}",
+            params.n_trees,
+            params.depth
         );
-        *hst.mass.lock() = mass;
+        let hst = HalfSpaceTrees::with_ranges(params, ranges);
+        hst.restore(mass)?;
         Ok(hst)
     }
 
@@ -244,7 +274,9 @@ impl HalfSpaceTrees {
             "anomaly model masses have {} nodes, the parameters need {nodes}",
             mass.reference.len()
         );
-        *self.mass.lock() = mass;
+        let mut leaf_score = vec![0; self.params.n_trees << self.params.depth];
+        hst_leaf_scores(&self.params, &mass.reference, &mut leaf_score);
+        *self.learned.lock() = Learned { mass, leaf_score };
         Ok(())
     }
 
@@ -255,7 +287,7 @@ impl HalfSpaceTrees {
     /// A copy of the current masses, for saving, with the inner nodes of the latest window
     /// summed from its leaves.
     pub fn mass(&self) -> HstMass {
-        let mut mass = self.mass.lock().clone();
+        let mut mass = self.learned.lock().mass.clone();
         self.sum_inner_nodes(&mut mass.latest);
         mass
     }
@@ -286,58 +318,75 @@ impl HalfSpaceTrees {
         // Padded to a power of two, so a masked index needs no bounds check.
         let mut point = [0.0f64; MAX_DIMS];
         point[..N_FEATURES].copy_from_slice(x);
-        let (internal, nodes, depth) = (self.internal(), self.nodes(), self.params.depth);
-        let size_limit = (self.params.window / 10).max(1) as u16;
-        let mut mass = self.mass.lock();
-        let HstMass {
-            reference, latest, ..
-        } = &mut *mass;
-        let mut score = 0.0;
-        // Trees are walked LANES at a time, in lockstep: each walk is a chain of dependent
-        // loads (node -> split -> next node), and interleaving independent chains lets the
-        // CPU overlap them. Masses are integers and the score a sum of integers, so the
-        // order of the sum does not change a bit of it.
-        let group = |lanes: usize| (internal * lanes, nodes * lanes);
-        let (int_g, nodes_g) = group(LANES);
-        let full = self.params.n_trees / LANES * LANES;
+        let (internal, n_trees) = (self.internal(), self.params.n_trees);
+        // The descent reads only the splits, so it runs before the lock is taken.
+        let mut leaves = [0u16; MAX_TREES];
+        let full = n_trees / LANES * LANES;
         let (dims_full, dims_rest) = self.split_feature.split_at(full * internal);
         let (ats_full, ats_rest) = self.split_raw.split_at(full * internal);
-        let (refs_full, refs_rest) = reference.split_at(full * nodes);
-        let (lats_full, lats_rest) = latest.split_at_mut(full * nodes);
-        for (((dims, ats), refs), lats) in dims_full
-            .chunks_exact(int_g)
-            .zip(ats_full.chunks_exact(int_g))
-            .zip(refs_full.chunks_exact(nodes_g))
-            .zip(lats_full.chunks_exact_mut(nodes_g))
+        for ((dims, ats), out) in dims_full
+            .chunks_exact(internal * LANES)
+            .zip(ats_full.chunks_exact(internal * LANES))
+            .zip(leaves.chunks_exact_mut(LANES))
         {
-            score += walk::<LANES, LEARN>(
-                &point, dims, ats, refs, lats, internal, nodes, depth, size_limit,
-            );
+            descend::<LANES>(&point, dims, ats, internal, self.params.depth, out);
         }
-        for (((dims, ats), refs), lats) in dims_rest
+        for ((dims, ats), out) in dims_rest
             .chunks_exact(internal)
             .zip(ats_rest.chunks_exact(internal))
-            .zip(refs_rest.chunks_exact(nodes))
-            .zip(lats_rest.chunks_exact_mut(nodes))
+            .zip(leaves[full..].chunks_exact_mut(1))
         {
-            score += walk::<1, LEARN>(
-                &point, dims, ats, refs, lats, internal, nodes, depth, size_limit,
-            );
+            descend::<1>(&point, dims, ats, internal, self.params.depth, out);
         }
+        let leaves = &leaves[..n_trees];
+
+        let mut learned = self.learned.lock();
+        let Learned { mass, leaf_score } = &mut *learned;
+        // Integers, summed exactly: the order of the sum does not change a bit of it.
+        let score: u64 = leaves
+            .iter()
+            .zip(leaf_score.chunks_exact(1 << self.params.depth))
+            .map(|(&leaf, scores)| u64::from(scores[usize::from(leaf)]))
+            .sum();
         if !LEARN {
-            return score;
+            return score as f64;
+        }
+        for (&leaf, tree) in leaves
+            .iter()
+            .zip(mass.latest.chunks_exact_mut(self.nodes()))
+        {
+            let at = internal + usize::from(leaf);
+            tree[at] = tree[at].saturating_add(1);
         }
         mass.seen += 1;
         if mass.seen >= self.params.window {
-            let HstMass {
-                reference, latest, ..
-            } = &mut *mass;
-            self.sum_inner_nodes(latest);
-            std::mem::swap(reference, latest);
-            latest.iter_mut().for_each(|m| *m = 0);
+            self.sum_inner_nodes(&mut mass.latest);
+            std::mem::swap(&mut mass.reference, &mut mass.latest);
+            mass.latest.iter_mut().for_each(|m| *m = 0);
             mass.seen = 0;
+            hst_leaf_scores(&self.params, &mass.reference, leaf_score);
         }
-        score
+        score as f64
+    }
+}
+
+/// Fills `leaf_score` (per tree, per leaf) from the `reference` masses; see [`Learned`].
+fn hst_leaf_scores(params: &HstParams, reference: &[u16], leaf_score: &mut [u32]) {
+    let size_limit = (params.window / 10).max(1) as u16;
+    let depth = params.depth;
+    let nodes = (1usize << (depth + 1)) - 1;
+    for (tree, scores) in reference
+        .chunks_exact(nodes)
+        .zip(leaf_score.chunks_exact_mut(1 << depth))
+    {
+        for (leaf, score) in scores.iter_mut().enumerate() {
+            // In heap order counted from 1, a node's ancestor `k` levels up is `i >> k`.
+            let from_one = (1usize << depth) + leaf;
+            *score = (0..=depth)
+                .map(|level| (level, tree[(from_one >> (depth - level)) - 1]))
+                .find(|&(level, m)| level == depth || m < size_limit)
+                .map_or(0, |(level, m)| u32::from(m) << level);
+        }
     }
 }
 
@@ -353,53 +402,33 @@ fn raw_threshold(at: f64, lo: f64, hi: f64) -> f64 {
     }
 }
 
-/// Trees walked together; see [`HalfSpaceTrees::score_and_learn`].
-const LANES: usize = 5;
+/// Trees descended together; see [`descend`].
+const LANES: usize = 8;
 
-/// Walks `L` consecutive trees (their splits and masses in the given slices) in lockstep
-/// and returns their summed mass score, learning the point (counting it in the leaf it
-/// reaches: see [`HstMass`]) if `LEARN`.
-#[allow(clippy::too_many_arguments)]
+/// Descends `L` consecutive trees (their splits in the given slices) in lockstep and writes
+/// the leaf `point` reaches in each, counted from the first leaf. Each descent is a chain of
+/// dependent loads (node -> split -> next node); interleaving independent chains lets the
+/// CPU overlap them.
 #[inline(always)]
-fn walk<const L: usize, const LEARN: bool>(
+fn descend<const L: usize>(
     point: &[f64; MAX_DIMS],
     dims: &[u8],
     ats: &[f64],
-    refs: &[u16],
-    lats: &mut [u16],
     internal: usize,
-    nodes: usize,
     depth: u32,
-    size_limit: u16,
-) -> f64 {
+    leaves: &mut [u16],
+) {
     let mut node = [0usize; L];
-    let mut scored = [false; L];
-    // Masses times powers of two: integers, summed exactly.
-    let mut score = 0u64;
-    for level in 0..depth {
-        for l in 0..L {
-            let (n, at) = (node[l], l * nodes + node[l]);
-            let m = refs[at];
-            // Branch-free: where a walk first meets a small mass is data-dependent, and a
-            // mispredicted branch per tree costs more than the arithmetic.
-            let first = !scored[l] & (m < size_limit);
-            score += (u64::from(m) * u64::from(first)) << level;
-            scored[l] |= first;
-            let split = l * internal + n;
+    for _ in 0..depth {
+        for (l, node) in node.iter_mut().enumerate() {
+            let split = l * internal + *node;
             let left = point[dims[split] as usize & (MAX_DIMS - 1)] < ats[split];
-            node[l] = 2 * n + 2 - usize::from(left);
+            *node = 2 * *node + 2 - usize::from(left);
         }
     }
-    for l in 0..L {
-        let at = l * nodes + node[l];
-        if !scored[l] {
-            score += u64::from(refs[at]) << depth;
-        }
-        if LEARN {
-            lats[at] = lats[at].saturating_add(1);
-        }
+    for (leaf, node) in leaves.iter_mut().zip(node) {
+        *leaf = (node - internal) as u16;
     }
-    score as f64
 }
 
 #[cfg(test)]
@@ -431,7 +460,7 @@ mod tests {
     #[test]
     fn lockstep_walk_equals_the_plain_walk() {
         let params = HstParams {
-            n_trees: 27, // five groups of five, and two trees walked alone
+            n_trees: 27, // three groups of eight, and three trees descended alone
             window: 300,
             ..HstParams::default()
         };
