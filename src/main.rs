@@ -179,6 +179,17 @@ struct ServeArgs {
     /// Average precision a challenger must gain over the champion to be promoted.
     #[arg(long, default_value_t = 0.005)]
     promotion_margin: f64,
+    /// Trees in a retrained challenger (fitting time and serving time grow with them).
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    retrain_trees: u16,
+    /// Deepest split of a retrained challenger's trees (`train` defaults to 16; 12 keeps a
+    /// serving machine's retraining memory and time in bounds).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(1..=40))]
+    retrain_max_depth: u16,
+    /// Matured decisions a challenger is fitted on, about (every fraud; legitimate ones
+    /// sampled and weighted back). Memory and fitting time grow with it.
+    #[arg(long, default_value_t = 150_000, value_parser = clap::value_parser!(u32).range(1_000..))]
+    retrain_rows: u32,
     /// Log account ids as keyed hashes (matching within a run only), never as sent. Request
     /// lines appear with RUST_LOG=fraudgate=debug.
     #[arg(long)]
@@ -355,6 +366,12 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
         retrain_every: args.retrain_every.0,
         retrain: fraudgate::retrain::RetrainParams {
             maturity_secs: args.retrain_maturity.as_secs() as i64,
+            max_fit_rows: args.retrain_rows as usize,
+            forest: fraudgate::model::forest::ForestParams {
+                n_trees: usize::from(args.retrain_trees),
+                max_depth: args.retrain_max_depth,
+                ..Default::default()
+            },
             ..Default::default()
         },
         promotion_margin: args.promotion_margin,

@@ -1,21 +1,25 @@
 //! ModelAdmin over gRPC against a real server with a journal: retraining from the journal
 //! produces a challenger; a better one is promoted with no failed request during the swap; one
 //! that does not beat the champion by the margin is not; rollback restores the champion; a
-//! restart serves the model last promoted; a server without a journal refuses to retrain.
+//! restart serves the model last promoted; a server without a journal refuses to retrain;
+//! the binary's `--retrain-*` flags shape the challenger.
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use common::process::ServerProcess;
 use common::TestServer;
 use fraudgate::dataset::{self, LabelledRequest};
 use fraudgate::grpc::server::{ModelSource, ServeConfig};
 use fraudgate::model::forest::ForestParams;
+use fraudgate::proto::fraud_scorer_client::FraudScorerClient;
 use fraudgate::proto::{self, model_admin_client::ModelAdminClient};
 use fraudgate::retrain::RetrainParams;
 use fraudgate::sim::{self, SimParams};
 use fraudgate::train::{self, TrainParams};
+use tonic::transport::Channel;
 use tonic::Code;
 
 fn simulate(dir: &std::path::Path, name: &str, seed: u64, days: u32) -> std::path::PathBuf {
@@ -71,6 +75,40 @@ fn config(data: &std::path::Path, model: ModelSource) -> ServeConfig {
     }
 }
 
+/// Twenty days of simulated payments, in event-time order.
+fn live_traffic(dir: &std::path::Path) -> Vec<LabelledRequest> {
+    let path = simulate(dir, "live.csv", 9, 20);
+    let mut requests: Vec<LabelledRequest> = dataset::read_requests(&path).unwrap();
+    requests.sort_by_key(|r| {
+        r.request
+            .transaction
+            .as_ref()
+            .unwrap()
+            .event_time
+            .unwrap()
+            .seconds
+    });
+    requests
+}
+
+/// Scores `requests` and reports each fraud as soon as it is scored.
+async fn feed(client: &mut FraudScorerClient<Channel>, requests: &[LabelledRequest]) {
+    for chunk in requests.chunks(2_000) {
+        let mut answers = client
+            .score_stream(tokio_stream::iter(
+                chunk.iter().map(|r| r.request.clone()).collect::<Vec<_>>(),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        while answers.message().await.unwrap().is_some() {}
+        for r in chunk.iter().filter(|r| r.label == Some(true)) {
+            let id = &r.request.transaction.as_ref().unwrap().transaction_id;
+            client.report_feedback(common::fraud(id)).await.unwrap();
+        }
+    }
+}
+
 async fn current(admin: &mut ModelAdminClient<tonic::transport::Channel>) -> String {
     admin
         .get_current_model(proto::GetCurrentModelRequest {})
@@ -92,32 +130,9 @@ async fn retrain_promote_rollback_and_restart() {
     let champion = current(&mut admin).await;
 
     // Twenty days of traffic, labels reported as soon as each payment is scored.
-    let path = simulate(dir.path(), "live.csv", 9, 20);
-    let mut requests: Vec<LabelledRequest> = dataset::read_requests(&path).unwrap();
-    requests.sort_by_key(|r| {
-        r.request
-            .transaction
-            .as_ref()
-            .unwrap()
-            .event_time
-            .unwrap()
-            .seconds
-    });
+    let requests = live_traffic(dir.path());
     let mut client = server.client().await;
-    for chunk in requests.chunks(2_000) {
-        let mut answers = client
-            .score_stream(tokio_stream::iter(
-                chunk.iter().map(|r| r.request.clone()).collect::<Vec<_>>(),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        while answers.message().await.unwrap().is_some() {}
-        for r in chunk.iter().filter(|r| r.label == Some(true)) {
-            let id = &r.request.transaction.as_ref().unwrap().transaction_id;
-            client.report_feedback(common::fraud(id)).await.unwrap();
-        }
-    }
+    feed(&mut client, &requests).await;
 
     // Load during the retraining and the swap: every call must succeed, each answered by
     // one whole model.
@@ -256,4 +271,63 @@ async fn a_server_without_a_journal_cannot_retrain() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let rollback = admin.rollback(proto::RollbackRequest {}).await.unwrap_err();
     assert_eq!(rollback.code(), Code::FailedPrecondition, "{rollback:?}");
+}
+
+/// The serving binary's `--retrain-trees`, `--retrain-max-depth` and `--retrain-rows` reach
+/// the challenger it fits, as its `model.json` in the data directory records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrain_flags_shape_the_challenger() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = weak_model(dir.path());
+    let data = dir.path().join("data");
+    let server = ServerProcess::start(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--model",
+        weak.to_str().unwrap(),
+        "--retrain-maturity",
+        "1d",
+        "--retrain-trees",
+        "3",
+        "--retrain-max-depth",
+        "4",
+        "--retrain-rows",
+        "2000",
+    ])
+    .await;
+    feed(&mut server.client().await, &live_traffic(dir.path())).await;
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let retrained = ModelAdminClient::new(channel)
+        .retrain(proto::RetrainRequest {
+            promote_if_better: false,
+            min_improvement: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let challenger = retrained.challenger.unwrap();
+    assert!(!retrained.promoted);
+    let evaluation = challenger.evaluation.unwrap();
+    // Legitimate rows are sampled one by one with the probability that makes 2,000 in all.
+    assert!(
+        (1_800..=2_200).contains(&evaluation.fitted_rows)
+            && evaluation.eval_rows * 3 > evaluation.fitted_rows,
+        "{evaluation:?}"
+    );
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            data.join("models")
+                .join(&challenger.version)
+                .join("model.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let params = &meta["classifier"]["params"];
+    assert_eq!(params["n_trees"], 3, "{params}");
+    assert_eq!(params["max_depth"], 4, "{params}");
 }

@@ -64,6 +64,8 @@ fn config_check_refuses_a_bad_file_naming_the_setting() {
             "tls-cert = \"/nonexistent/cert.pem\"\ntls-key = \"/nonexistent/key.pem\"\n",
             "--tls-cert",
         ),
+        ("retrain-trees = 0\n", "--retrain-trees"),
+        ("retrain-rows = 10\n", "--retrain-rows"),
         ("listen = \n", "parsing the config file"),
     ] {
         std::fs::write(&file, content).unwrap();
