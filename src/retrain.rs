@@ -85,8 +85,11 @@ struct Row {
     fraud: bool,
 }
 
-/// Lowers the calling thread to the lowest CPU priority (nice 19), so the tokio workers
-/// serving requests always run first.
+/// Lowers the calling thread to the lowest CPU priority, so the tokio workers serving
+/// requests always run first: nice 19, and on Linux the `SCHED_IDLE` policy, which runs the
+/// thread only on a core nothing else wants and lets a waking worker preempt it at once
+/// (nice 19 alone still takes time slices from busy workers: measured, it tripled the p99
+/// of a loaded server).
 pub fn lower_priority() {
     // SAFETY: setpriority has no memory-safety preconditions; on Linux, PRIO_PROCESS with
     // who = 0 changes the calling thread only.
@@ -96,6 +99,19 @@ pub fn lower_priority() {
             error = %std::io::Error::last_os_error(),
             "cannot lower the training thread's priority"
         );
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the calling
+        // thread.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if rc != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "cannot move the training thread to SCHED_IDLE"
+            );
+        }
     }
 }
 

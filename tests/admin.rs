@@ -331,3 +331,21 @@ async fn retrain_flags_shape_the_challenger() {
     assert_eq!(params["n_trees"], 3, "{params}");
     assert_eq!(params["max_depth"], 4, "{params}");
 }
+
+/// The training thread runs at nice 19 and, on Linux, under SCHED_IDLE, so serving
+/// workers preempt it.
+#[cfg(target_os = "linux")]
+#[test]
+fn training_threads_yield_to_serving() {
+    let (policy, nice) = std::thread::spawn(|| {
+        fraudgate::retrain::lower_priority();
+        // SAFETY: no memory-safety preconditions; 0 is the calling thread.
+        unsafe { (libc::sched_getscheduler(0), libc::getpriority(libc::PRIO_PROCESS, 0)) }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(policy, libc::SCHED_IDLE);
+    assert_eq!(nice, 19);
+    // SAFETY: as above; the test's own thread keeps the normal policy.
+    assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+}
