@@ -1,13 +1,15 @@
 //! fraudgate: real-time fraud scoring for payment authorisation.
 //!
-//! Data flows one way: a door (gRPC, CSV replay) parses input into a validated
+//! Data flows one way: a door (gRPC, NATS JetStream, CSV replay) parses input into a validated
 //! [`domain::Transaction`], the transport-free [`engine::Engine`] reads and updates the
 //! event-time [`state`], [`features`] turns that into one fixed-order vector, the [`model`]
 //! scores it, and [`policy`] turns the score into a decision with reasons.
 
 pub mod admin;
+pub mod alerts;
 pub mod backtest;
 pub mod breaker;
+pub mod codec;
 pub mod config;
 pub mod dataset;
 pub mod domain;
@@ -27,6 +29,7 @@ pub mod retrain;
 pub mod sim;
 pub mod snapshot;
 pub mod state;
+pub mod stream;
 pub mod train;
 
 /// Code generated from `proto/fraudgate/v1/fraudgate.proto`.

@@ -65,6 +65,14 @@ enum ConfigCommand {
     },
 }
 
+/// A decision that can become an alert (`none`: no alerts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AlertOn {
+    Review,
+    Deny,
+    None,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Mode {
     Enforce,
@@ -190,6 +198,44 @@ struct ServeArgs {
     /// sampled and weighted back). Memory and fitting time grow with it.
     #[arg(long, default_value_t = 150_000, value_parser = clap::value_parser!(u32).range(1_000..))]
     retrain_rows: u32,
+    /// NATS server URL: consume transactions and feedback from JetStream subjects and publish
+    /// decisions and alerts there (off by default).
+    #[arg(long)]
+    nats: Option<String>,
+    /// Prefix of the NATS subjects (<prefix>.transactions, .feedback, .decisions, .alerts)
+    /// and of the streams created for them.
+    #[arg(long, default_value = "fraudgate")]
+    nats_prefix: String,
+    /// Durable consumer name, shared by every fraudgate consuming the same subjects.
+    #[arg(long, default_value = "fraudgate")]
+    nats_consumer: String,
+    /// Encoding of the decisions and alerts published on NATS (inputs may be either).
+    #[arg(long, value_enum, default_value = "protobuf")]
+    nats_format: fraudgate::codec::Format,
+    /// Most stream messages scored together (at most 1,000: the NATS client allows 5,000
+    /// unacknowledged publishes).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    nats_batch: u32,
+    /// How long a stream message may stay unacknowledged before NATS delivers it again
+    /// (after a crash, how long the messages in hand take to come back).
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    nats_ack_wait: Duration,
+    /// Decisions that become alerts (on the NATS alerts subject and the webhook).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "review,deny")]
+    alert_on: Vec<AlertOn>,
+    /// POST each alert as JSON to this URL, retrying with backoff.
+    #[arg(long)]
+    alert_webhook: Option<String>,
+    /// Alerts each sink may hold waiting for delivery; beyond it they are dropped, counted
+    /// and logged.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    alert_queue: u32,
+    /// Delivery attempts after the first (exponential backoff from 100 ms to 5 s).
+    #[arg(long, default_value_t = 5)]
+    alert_retries: u32,
+    /// Time allowed for one webhook call.
+    #[arg(long, value_parser = duration, default_value = "5s")]
+    alert_timeout: Duration,
     /// Log account ids as keyed hashes (matching within a run only), never as sent. Request
     /// lines appear with RUST_LOG=fraudgate=debug.
     #[arg(long)]
@@ -389,6 +435,23 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
                 Some(fraudgate::grpc::auth::Tokens::parse(&list).context("FRAUDGATE_TOKENS")?)
             }
             (None, Err(_)) => None,
+        },
+        nats: args.nats.clone().map(|url| fraudgate::stream::NatsConfig {
+            url,
+            prefix: args.nats_prefix.clone(),
+            consumer: args.nats_consumer.clone(),
+            format: args.nats_format,
+            batch: args.nats_batch as usize,
+            ack_wait: args.nats_ack_wait,
+            ..Default::default()
+        }),
+        alerts: fraudgate::alerts::AlertConfig {
+            on_review: args.alert_on.contains(&AlertOn::Review),
+            on_deny: args.alert_on.contains(&AlertOn::Deny),
+            webhook: args.alert_webhook.clone(),
+            queue: args.alert_queue as usize,
+            retries: args.alert_retries as usize,
+            timeout: args.alert_timeout,
         },
         ..ServeConfig::default()
     })

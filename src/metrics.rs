@@ -46,6 +46,8 @@ pub struct Metrics {
     drift_samples: IntGauge,
     decision_labels: IntGaugeVec,
     decision_precision: GaugeVec,
+    stream_messages: IntCounterVec,
+    alerts: IntCounterVec,
     /// Held while scrape-time values are copied in, so two scrapes do not both add the same
     /// increase to a counter.
     scrape: Mutex<()>,
@@ -154,8 +156,25 @@ impl Metrics {
             ),
             &["decision"],
         )?;
+        let stream_messages = IntCounterVec::new(
+            Opts::new(
+                "stream_messages_total",
+                "Messages taken from a NATS JetStream subject, by subject kind and outcome",
+            ),
+            &["stream", "outcome"],
+        )?;
+        let alerts = IntCounterVec::new(
+            Opts::new(
+                "alerts_total",
+                "Alerts by sink and outcome: queued, delivered, failed (after every retry), \
+                 dropped (queue full: the sink is not keeping up)",
+            ),
+            &["sink", "outcome"],
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(stream_messages.clone()),
+            Box::new(alerts.clone()),
             Box::new(latency.clone()),
             Box::new(decisions.clone()),
             Box::new(scores.clone()),
@@ -198,6 +217,8 @@ impl Metrics {
             drift_samples,
             decision_labels,
             decision_precision,
+            stream_messages,
+            alerts,
             scrape: Mutex::new(()),
             node: OnceLock::new(),
         })
@@ -216,6 +237,18 @@ impl Metrics {
         self.latency
             .with_label_values(&[rpc])
             .observe(took.as_secs_f64());
+    }
+
+    /// One message taken from a stream (`transactions`, `feedback`) and what became of it.
+    pub fn stream_message(&self, stream: &'static str, outcome: &'static str) {
+        self.stream_messages
+            .with_label_values(&[stream, outcome])
+            .inc();
+    }
+
+    /// One alert event for a sink (`nats`, `webhook`).
+    pub fn alert(&self, sink: &'static str, outcome: &'static str) {
+        self.alerts.with_label_values(&[sink, outcome]).inc();
     }
 
     /// One call refused by the token check.

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use crate::alerts::Alerts;
 use crate::domain::{Feedback, Transaction};
 use crate::engine::{Engine, FeedbackApplied, Traced};
 use crate::journal::{
@@ -43,6 +44,25 @@ pub struct Node {
     journal: Option<Journal>,
     durability: Durability,
     metrics: Arc<Metrics>,
+    /// The action layer, when alerts are configured.
+    alerts: Option<Alerts>,
+}
+
+/// A scored transaction whose journal commit is still to be awaited (see
+/// [`Node::score_pending`]).
+pub struct Pending {
+    pub traced: Traced,
+    commit: Option<tokio::sync::oneshot::Receiver<crate::journal::Committed>>,
+}
+
+impl Pending {
+    /// Waits for the journal commit, if one was asked for.
+    pub async fn committed(self) -> Result<Traced, NodeError> {
+        if let Some(done) = self.commit {
+            committed(done).await?;
+        }
+        Ok(self.traced)
+    }
 }
 
 impl Node {
@@ -57,7 +77,14 @@ impl Node {
             journal,
             durability,
             metrics,
+            alerts: None,
         }
+    }
+
+    /// Offers every fresh decision to `alerts` as well.
+    pub fn with_alerts(mut self, alerts: Alerts) -> Node {
+        self.alerts = Some(alerts);
+        self
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -87,6 +114,20 @@ impl Node {
         tx: &Transaction,
         raw: proto::Transaction,
     ) -> Result<Traced, NodeError> {
+        self.score_pending(tx, raw, self.durability == Durability::Sync)?
+            .committed()
+            .await
+    }
+
+    /// Scores `tx` now, without awaiting anything, and hands back the journal commit to
+    /// await (with `commit`, or in sync durability). Stream consumers score a batch in order
+    /// this way and then await its commits together.
+    pub fn score_pending(
+        &self,
+        tx: &Transaction,
+        raw: proto::Transaction,
+        commit: bool,
+    ) -> Result<Pending, NodeError> {
         let permit = self.reserve()?;
         let traced = self
             .engine
@@ -95,21 +136,25 @@ impl Node {
         if traced.detail.is_some() {
             let scored = &traced.outcome.scored;
             self.metrics.decision(scored.decision, scored.score);
+            if let Some(alerts) = &self.alerts {
+                alerts.offer(&tx.id, &traced.outcome, &raw);
+            }
         }
-        if let (Some(permit), Some(detail)) = (permit, &traced.detail) {
+        let mut pending = Pending {
+            traced,
+            commit: None,
+        };
+        if let (Some(permit), Some(detail)) = (permit, &pending.traced.detail) {
             let entry = Entry::Decision(Box::new(DecisionEntry {
                 seq: detail.seq,
                 transaction: raw,
                 features: detail.features,
-                scored: Arc::clone(&traced.outcome.scored),
+                scored: Arc::clone(&pending.traced.outcome.scored),
                 scored_at_ms: crate::journal::now_ms(),
             }));
-            let wait = permit.write(entry, self.durability == Durability::Sync);
-            if let Some(done) = wait {
-                committed(done).await?;
-            }
+            pending.commit = permit.write(entry, commit || self.durability == Durability::Sync);
         }
-        Ok(traced)
+        Ok(pending)
     }
 
     /// Applies feedback; with a journal, answers only once it is committed.

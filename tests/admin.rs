@@ -340,7 +340,12 @@ fn training_threads_yield_to_serving() {
     let (policy, nice) = std::thread::spawn(|| {
         fraudgate::retrain::lower_priority();
         // SAFETY: no memory-safety preconditions; 0 is the calling thread.
-        unsafe { (libc::sched_getscheduler(0), libc::getpriority(libc::PRIO_PROCESS, 0)) }
+        unsafe {
+            (
+                libc::sched_getscheduler(0),
+                libc::getpriority(libc::PRIO_PROCESS, 0),
+            )
+        }
     })
     .join()
     .unwrap();

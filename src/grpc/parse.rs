@@ -60,6 +60,22 @@ pub struct ParseLimits {
     pub max_event_time: Option<i64>,
 }
 
+impl ParseLimits {
+    /// The limits for a request arriving now: event times at most `max_future_skew` ahead
+    /// of the wall clock, if given.
+    pub fn now(max_future_skew: Option<std::time::Duration>) -> ParseLimits {
+        ParseLimits {
+            max_event_time: max_future_skew.map(|skew| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs() as i64;
+                now.saturating_add(skew.as_secs() as i64)
+            }),
+        }
+    }
+}
+
 fn id(field: &'static str, value: &str) -> Result<(), FieldError> {
     if value.is_empty() {
         return Err(FieldError::new(field, "is required"));

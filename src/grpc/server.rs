@@ -27,6 +27,7 @@ use super::request_log::RequestLog;
 use super::service::ScorerService;
 use super::tls::TlsFiles;
 use crate::admin::ModelAdmin;
+use crate::alerts::{AlertConfig, Alerts};
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::Durability;
 use crate::journal::JOURNAL_FILE;
@@ -39,6 +40,7 @@ use crate::proto::{
 };
 use crate::registry::ModelRegistry;
 use crate::retrain::RetrainParams;
+use crate::stream::{Nats, NatsConfig};
 
 /// Largest request accepted, in bytes; a transaction is a few hundred.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -93,6 +95,11 @@ pub struct ServeConfig {
     pub retrain_every: Option<Duration>,
     /// Average precision a challenger must gain over the champion to be promoted.
     pub promotion_margin: f64,
+    /// Consume transactions and feedback from NATS JetStream and publish decisions and
+    /// alerts there (none: no NATS).
+    pub nats: Option<NatsConfig>,
+    /// Which decisions become alerts, and the webhook they are POSTed to.
+    pub alerts: AlertConfig,
 }
 
 impl Default for ServeConfig {
@@ -119,6 +126,8 @@ impl Default for ServeConfig {
             retrain: RetrainParams::default(),
             retrain_every: None,
             promotion_margin: 0.005,
+            nats: None,
+            alerts: AlertConfig::default(),
         }
     }
 }
@@ -172,7 +181,29 @@ pub async fn run(
         None => None,
     };
 
+    let nats = match &config.nats {
+        Some(c) => {
+            let nats = Nats::connect(c.clone()).await?;
+            info!(url = %c.url, prefix = %c.prefix, "connected to NATS JetStream");
+            Some(nats)
+        }
+        None => None,
+    };
+
     let metrics = Arc::new(Metrics::new()?);
+    let alerts = if config.shadow {
+        if nats.is_some() || config.alerts.webhook.is_some() {
+            warn!("shadow mode: every answer is ALLOW, so no alerts are sent");
+        }
+        None
+    } else {
+        Alerts::start(
+            &config.alerts,
+            nats.as_ref().map(Nats::alert_sink),
+            Arc::clone(&metrics),
+        )?
+    };
+    let (alerts, alert_workers) = alerts.unzip();
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_server = match config.metrics_listen {
         Some(addr) => {
@@ -279,7 +310,13 @@ pub async fn run(
     .map_err(|e| anyhow::anyhow!("the start-up task panicked: {e}"))
     .and_then(|r| r);
     let (node, registry) = match started {
-        Ok((node, registry)) => (Arc::new(node), registry),
+        Ok((node, registry)) => (
+            Arc::new(match alerts {
+                Some(alerts) => node.with_alerts(alerts),
+                None => node,
+            }),
+            registry,
+        ),
         Err(e) => {
             let _ = stop_tx.send(());
             return Err(e);
@@ -297,6 +334,18 @@ pub async fn run(
     metrics.set_node(Arc::clone(&node));
     set_health(&health, ServingStatus::Serving).await;
     info!(%addr, "serving");
+    let (ingest_stop, ingest_stopped) = tokio::sync::watch::channel(false);
+    let ingest = nats
+        .map(|n| {
+            n.consume(
+                Arc::clone(&node),
+                config.max_future_skew,
+                config.shadow,
+                Arc::clone(&metrics),
+                ingest_stopped,
+            )
+        })
+        .unwrap_or_default();
 
     let evictor = tokio::spawn(evict_periodically(
         Arc::clone(node.engine()),
@@ -339,6 +388,20 @@ pub async fn run(
             grace = ?config.shutdown_grace,
             "in-flight calls did not finish in time; closing them"
         ),
+    }
+    // The stream consumers finish the batch in hand (its messages journaled, published and
+    // acknowledged, or left for re-delivery), then the alert sinks deliver what is queued.
+    let _ = ingest_stop.send(true);
+    for task in ingest {
+        if tokio::time::timeout(config.shutdown_grace, task)
+            .await
+            .is_err()
+        {
+            warn!("a stream consumer did not finish its batch in time; it will be re-delivered");
+        }
+    }
+    if let Some(workers) = alert_workers {
+        workers.finish(config.shutdown_grace).await;
     }
     if let Some(data) = &data {
         // Nothing new can reach the engine now: flush, snapshot, close the journal.

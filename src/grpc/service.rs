@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -72,15 +72,7 @@ impl ScorerService {
     }
 
     fn limits(&self) -> ParseLimits {
-        ParseLimits {
-            max_event_time: self.max_future_skew.map(|skew| {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs() as i64;
-                now.saturating_add(skew.as_secs() as i64)
-            }),
-        }
+        ParseLimits::now(self.max_future_skew)
     }
 }
 
@@ -161,6 +153,59 @@ fn respond(
     resp
 }
 
+/// A response carrying an item's error instead of a decision (ScoreStream items, decisions
+/// published on a stream).
+pub fn error_item(
+    transaction_id: String,
+    code: &str,
+    field: &str,
+    message: String,
+) -> proto::ScoreResponse {
+    proto::ScoreResponse {
+        transaction_id,
+        error: Some(proto::ItemError {
+            code: code.into(),
+            field: field.into(),
+            message,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The item error for a request the parser refused.
+pub fn invalid_item(transaction_id: String, e: FieldError) -> proto::ScoreResponse {
+    let FieldError { field, message } = e;
+    error_item(
+        transaction_id,
+        "INVALID_ARGUMENT",
+        field,
+        format!("{field}: {message}"),
+    )
+}
+
+/// The item error for a transaction the node could not score.
+pub fn node_error_item(transaction_id: String, e: NodeError) -> proto::ScoreResponse {
+    let (code, field) = match e {
+        NodeError::Conflict => ("ALREADY_EXISTS", "transaction.transaction_id"),
+        NodeError::NotFound => ("NOT_FOUND", ""),
+        NodeError::JournalFull => ("RESOURCE_EXHAUSTED", ""),
+        NodeError::Journal(_) => ("UNAVAILABLE", ""),
+    };
+    let message = status(&transaction_id, e).message().to_owned();
+    error_item(transaction_id, code, field, message)
+}
+
+/// A scored transaction's response (the decision overridden to ALLOW in shadow mode, the
+/// features listed if `explain`).
+pub fn scored_item(
+    transaction_id: String,
+    traced: Traced,
+    explain: bool,
+    shadow: bool,
+) -> proto::ScoreResponse {
+    respond(transaction_id, traced, explain, shadow)
+}
+
 /// One ScoreStream item: a response, or a response carrying the item's error.
 async fn score_item(
     node: &Node,
@@ -174,20 +219,9 @@ async fn score_item(
         .as_ref()
         .map(|t| t.transaction_id.clone())
         .unwrap_or_default();
-    let error = |code: &str, field: &str, message: String| proto::ScoreResponse {
-        transaction_id: id.clone(),
-        error: Some(proto::ItemError {
-            code: code.into(),
-            field: field.into(),
-            message,
-        }),
-        ..Default::default()
-    };
     let tx = match parse::transaction(&req, limits) {
         Ok(tx) => tx,
-        Err(FieldError { field, message }) => {
-            return error("INVALID_ARGUMENT", field, format!("{field}: {message}"))
-        }
+        Err(e) => return invalid_item(id, e),
     };
     let explain = req.explain;
     let raw = req.transaction.unwrap_or_default();
@@ -196,15 +230,7 @@ async fn score_item(
             *decision = Some(traced.outcome.scored.decision);
             respond(tx.id, traced, explain, shadow)
         }
-        Err(e) => {
-            let (code, field) = match e {
-                NodeError::Conflict => ("ALREADY_EXISTS", "transaction.transaction_id"),
-                NodeError::NotFound => ("NOT_FOUND", ""),
-                NodeError::JournalFull => ("RESOURCE_EXHAUSTED", ""),
-                NodeError::Journal(_) => ("UNAVAILABLE", ""),
-            };
-            error(code, field, status(&tx.id, e).message().to_owned())
-        }
+        Err(e) => node_error_item(tx.id, e),
     }
 }
 

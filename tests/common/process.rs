@@ -55,7 +55,12 @@ impl ServerProcess {
             .args(metrics)
             .args(args)
             .envs(env.iter().copied())
-            .stderr(Stdio::piped())
+            // FRAUDGATE_TEST_LOGS=1 shows the server's log while debugging a test.
+            .stderr(if std::env::var_os("FRAUDGATE_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
             .spawn()
             .unwrap();
         ServerProcess { child, port }

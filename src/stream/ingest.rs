@@ -1,0 +1,315 @@
+//! The consumer loops behind [`super::Nats::consume`]: decode -> parse -> node, in stream
+//! order, a batch at a time; acknowledge only what is journaled and published.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::message::{AckKind, Message};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::Nats;
+use crate::codec;
+use crate::grpc::parse::{self, ParseLimits};
+use crate::grpc::service::{error_item, invalid_item, node_error_item, scored_item};
+use crate::metrics::Metrics;
+use crate::node::{Node, NodeError, Pending};
+use crate::proto;
+
+const SCORE_REQUEST: &str = "fraudgate.v1.ScoreRequest";
+const FEEDBACK_REQUEST: &str = "fraudgate.v1.ReportFeedbackRequest";
+const SCORE_RESPONSE: &str = "fraudgate.v1.ScoreResponse";
+
+/// A message asked to come back later (the journal is behind, or publishing failed).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// One consumer loop's view of the server.
+pub(super) struct Ingest {
+    pub nats: Nats,
+    pub node: Arc<Node>,
+    pub max_future_skew: Option<Duration>,
+    /// Shadow mode: decisions published as ALLOW, as gRPC answers them.
+    pub shadow: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Where one message of a batch stands after scoring.
+enum Scoring {
+    /// Scored; its journal commit is to be awaited.
+    Pending {
+        id: String,
+        explain: bool,
+        pending: Pending,
+    },
+    /// Not scorable: the item error is the decision published for it.
+    Refused(proto::ScoreResponse, &'static str),
+    /// The journal's queue is full: not scored, asked to come back.
+    Later,
+}
+
+impl Ingest {
+    async fn consumer(&self, kind: &str) -> anyhow::Result<PullConsumer> {
+        let name = &self.nats.config.consumer;
+        let stream = self
+            .nats
+            .jetstream
+            .get_stream(self.nats.stream_name(kind))
+            .await
+            .with_context(|| format!("opening the stream {}", self.nats.stream_name(kind)))?;
+        stream
+            .get_or_create_consumer(
+                name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.nats.config.ack_wait,
+                    max_ack_pending: (self.nats.config.batch * 4).max(1) as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("creating the consumer {name} on {kind}"))
+    }
+
+    async fn batches(
+        &self,
+        kind: &str,
+    ) -> anyhow::Result<impl futures::Stream<Item = Vec<Result<Message, impl std::fmt::Display>>>>
+    {
+        let batch = self.nats.config.batch.max(1);
+        let messages = self
+            .consumer(kind)
+            .await?
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .with_context(|| format!("pulling from {}", self.nats.subject(kind)))?;
+        // Whatever has arrived, up to a batch: no waiting for a batch to fill.
+        Ok(messages.ready_chunks(batch))
+    }
+
+    /// Scores transactions until `stop`.
+    pub async fn transactions(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut batches = std::pin::pin!(self.batches("transactions").await?);
+        info!(subject = %self.nats.subject("transactions"), "consuming transactions");
+        loop {
+            let batch = tokio::select! {
+                _ = stop.changed() => break,
+                batch = batches.next() => batch,
+            };
+            let Some(batch) = batch else { break };
+            let messages = batch
+                .into_iter()
+                .filter_map(|m| {
+                    m.inspect_err(|e| warn!(error = %e, "pulling transactions"))
+                        .ok()
+                })
+                .collect();
+            self.score_batch(messages).await;
+        }
+        Ok(())
+    }
+
+    /// Scores `messages` in order, awaits their journal commits, publishes their decisions,
+    /// and acknowledges each message whose decision the decisions stream has acknowledged.
+    async fn score_batch(&self, messages: Vec<Message>) {
+        let limits = ParseLimits::now(self.max_future_skew);
+        let scored: Vec<(Message, Scoring)> = messages
+            .into_iter()
+            .map(|m| {
+                let s = self.score(&m.payload, &limits);
+                (m, s)
+            })
+            .collect();
+
+        let mut decided = Vec::with_capacity(scored.len());
+        for (message, scoring) in scored {
+            let answer = match scoring {
+                Scoring::Pending {
+                    id,
+                    explain,
+                    pending,
+                } => match pending.committed().await {
+                    Ok(traced) => {
+                        let outcome = if traced.outcome.replayed {
+                            "replayed"
+                        } else {
+                            "scored"
+                        };
+                        Some((scored_item(id, traced, explain, self.shadow), outcome))
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "journal commit failed; the message will come back");
+                        None
+                    }
+                },
+                Scoring::Refused(response, outcome) => Some((response, outcome)),
+                Scoring::Later => None,
+            };
+            decided.push((message, answer));
+        }
+
+        let subject = self.nats.subject("decisions");
+        let format = self.nats.config.format;
+        let mut published = Vec::with_capacity(decided.len());
+        for (message, answer) in decided {
+            let Some((response, outcome)) = answer else {
+                self.metrics.stream_message("transactions", "retry");
+                nak(&message).await;
+                continue;
+            };
+            let msg_id = if response.transaction_id.is_empty() {
+                // Nothing to name it by: the input's place in its stream.
+                message
+                    .info()
+                    .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
+                    .unwrap_or_default()
+            } else {
+                response.transaction_id.clone()
+            };
+            let payload = match codec::encode(SCORE_RESPONSE, &response, format) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "encoding a decision");
+                    nak(&message).await;
+                    continue;
+                }
+            };
+            let publish = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(msg_id)
+                .header("Content-Type", format.content_type());
+            match self
+                .nats
+                .jetstream
+                .send_publish(subject.clone(), publish)
+                .await
+            {
+                Ok(ack) => published.push((message, ack, outcome)),
+                Err(e) => {
+                    warn!(error = %e, "publishing a decision; the message will come back");
+                    nak(&message).await;
+                }
+            }
+        }
+        for (message, ack, outcome) in published {
+            match ack.await {
+                Ok(_) => {
+                    self.metrics.stream_message("transactions", outcome);
+                    if let Err(e) = message.ack().await {
+                        warn!(error = %e, "acknowledging a transaction message");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "the decisions stream did not acknowledge; the message will come back");
+                    self.metrics.stream_message("transactions", "retry");
+                    nak(&message).await;
+                }
+            }
+        }
+    }
+
+    /// Decodes, parses and scores one message without awaiting anything.
+    fn score(&self, payload: &[u8], limits: &ParseLimits) -> Scoring {
+        let req: proto::ScoreRequest = match codec::decode(SCORE_REQUEST, payload) {
+            Ok(r) => r,
+            Err(message) => {
+                return Scoring::Refused(
+                    error_item(String::new(), "INVALID_ARGUMENT", "", message),
+                    "invalid",
+                )
+            }
+        };
+        let id = req
+            .transaction
+            .as_ref()
+            .map(|t| t.transaction_id.clone())
+            .unwrap_or_default();
+        let tx = match parse::transaction(&req, limits) {
+            Ok(tx) => tx,
+            Err(e) => return Scoring::Refused(invalid_item(id, e), "invalid"),
+        };
+        let raw = req.transaction.unwrap_or_default();
+        match self.node.score_pending(&tx, raw, true) {
+            Ok(pending) => Scoring::Pending {
+                id: tx.id,
+                explain: req.explain,
+                pending,
+            },
+            Err(NodeError::JournalFull) => Scoring::Later,
+            Err(e) => {
+                let outcome = if e == NodeError::Conflict {
+                    "conflict"
+                } else {
+                    "error"
+                };
+                Scoring::Refused(node_error_item(tx.id, e), outcome)
+            }
+        }
+    }
+
+    /// Applies feedback until `stop`, each acknowledged once committed.
+    pub async fn feedback(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut batches = std::pin::pin!(self.batches("feedback").await?);
+        info!(subject = %self.nats.subject("feedback"), "consuming feedback");
+        loop {
+            let batch = tokio::select! {
+                _ = stop.changed() => break,
+                batch = batches.next() => batch,
+            };
+            let Some(batch) = batch else { break };
+            for message in batch {
+                match message {
+                    Ok(m) => self.apply(m).await,
+                    Err(e) => warn!(error = %e, "pulling feedback"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, message: Message) {
+        let req: Result<proto::ReportFeedbackRequest, String> =
+            codec::decode(FEEDBACK_REQUEST, &message.payload);
+        let parsed = req.and_then(|req| {
+            parse::feedback(&req)
+                .map(|fb| (fb, req))
+                .map_err(|e| format!("{}: {}", e.field, e.message))
+        });
+        let outcome = match parsed {
+            Err(e) => {
+                warn!(error = %e, "feedback message refused");
+                "invalid"
+            }
+            Ok((fb, req)) => match self.node.feedback(&fb, req).await {
+                Ok(_) => "applied",
+                Err(NodeError::NotFound) => {
+                    warn!(transaction_id = %fb.transaction_id, "feedback for a transaction not scored here");
+                    "not_found"
+                }
+                Err(e) => {
+                    warn!(error = %e, "feedback not applied; the message will come back");
+                    self.metrics.stream_message("feedback", "retry");
+                    nak(&message).await;
+                    return;
+                }
+            },
+        };
+        self.metrics.stream_message("feedback", outcome);
+        if let Err(e) = message.ack().await {
+            warn!(error = %e, "acknowledging a feedback message");
+        }
+    }
+}
+
+async fn nak(message: &Message) {
+    if let Err(e) = message.ack_with(AckKind::Nak(Some(RETRY_AFTER))).await {
+        warn!(error = %e, "asking for a message to come back");
+    }
+}

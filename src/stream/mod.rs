@@ -1,0 +1,179 @@
+//! The NATS JetStream door: transactions and feedback consumed from subjects, each decision
+//! published on a decisions subject, with the same engine, journal and answers as gRPC.
+//!
+//! Subjects, under a prefix (`--nats-prefix`, default `fraudgate`): `<prefix>.transactions`
+//! (`ScoreRequest`), `<prefix>.feedback` (`ReportFeedbackRequest`), `<prefix>.decisions`
+//! (`ScoreResponse`, an item error for a message that could not be scored) and
+//! `<prefix>.alerts` (`Alert`). Inputs are protobuf bytes or proto3 JSON (see
+//! [`crate::codec`]); outputs are in `--nats-format`. Each subject has a stream of its own,
+//! created if missing (`<PREFIX>_TRANSACTIONS`, ...), so a fresh nats-server works as is.
+//!
+//! Delivery: a durable pull consumer with explicit acks. A message is acknowledged only after
+//! its decision is committed to the journal and the decisions stream has acknowledged the
+//! published decision, so a crash anywhere before that re-delivers it; the re-delivery is
+//! answered from the idempotency store (recovered from the journal) and the decision is
+//! published again with the same `Nats-Msg-Id` (the transaction id), which the decisions
+//! stream drops as a duplicate within its window: one decision per transaction, and state
+//! changed once.
+
+mod ingest;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, stream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::alerts::NatsSink;
+use crate::codec::Format;
+use crate::metrics::Metrics;
+use crate::node::Node;
+
+/// How the server meets NATS, from the `--nats*` flags.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Subject prefix; stream names are its upper-case form.
+    pub prefix: String,
+    /// Durable consumer name, shared by every fraudgate consuming the same subjects.
+    pub consumer: String,
+    /// Encoding of published decisions and alerts.
+    pub format: Format,
+    /// Most messages scored together (their journal commits and publishes overlap).
+    pub batch: usize,
+    /// How long the decisions stream remembers message ids to drop duplicates.
+    pub duplicate_window: Duration,
+    /// How long a delivered message may stay unacknowledged before it is delivered again:
+    /// after a crash, how long the messages in hand take to come back.
+    pub ack_wait: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            prefix: "fraudgate".into(),
+            consumer: "fraudgate".into(),
+            format: Format::Protobuf,
+            batch: 256,
+            duplicate_window: Duration::from_secs(600),
+            ack_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connection to NATS with the streams in place.
+#[derive(Clone)]
+pub struct Nats {
+    config: NatsConfig,
+    jetstream: jetstream::Context,
+}
+
+impl std::fmt::Debug for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nats")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Nats {
+    /// Connects and creates the four streams if they do not exist.
+    pub async fn connect(config: NatsConfig) -> anyhow::Result<Nats> {
+        let client = async_nats::ConnectOptions::new()
+            .name("fraudgate")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(config.url.as_str())
+            .await
+            .with_context(|| format!("--nats: connecting to {}", config.url))?;
+        let jetstream = jetstream::new(client);
+        let nats = Nats { config, jetstream };
+        for kind in ["transactions", "feedback", "decisions", "alerts"] {
+            let duplicate_window = if kind == "decisions" || kind == "alerts" {
+                nats.config.duplicate_window
+            } else {
+                Duration::from_secs(120)
+            };
+            nats.jetstream
+                .get_or_create_stream(stream::Config {
+                    name: nats.stream_name(kind),
+                    subjects: vec![nats.subject(kind)],
+                    duplicate_window,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| {
+                    format!(
+                        "--nats: creating the stream {} (is JetStream enabled: nats-server -js?)",
+                        nats.stream_name(kind)
+                    )
+                })?;
+        }
+        Ok(nats)
+    }
+
+    /// `<prefix>.<kind>`.
+    pub fn subject(&self, kind: &str) -> String {
+        format!("{}.{kind}", self.config.prefix)
+    }
+
+    /// `<PREFIX>_<KIND>`, with characters streams do not allow turned into `_`.
+    pub fn stream_name(&self, kind: &str) -> String {
+        format!("{}_{kind}", self.config.prefix)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+
+    /// Where alerts are published.
+    pub fn alert_sink(&self) -> NatsSink {
+        NatsSink {
+            jetstream: self.jetstream.clone(),
+            subject: self.subject("alerts"),
+            format: self.config.format,
+        }
+    }
+
+    /// Starts consuming transactions and feedback for `node` until `stop` turns true; each
+    /// task finishes the batch in hand first.
+    pub fn consume(
+        &self,
+        node: Arc<Node>,
+        max_future_skew: Option<Duration>,
+        shadow: bool,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        let ingest = || ingest::Ingest {
+            nats: self.clone(),
+            node: Arc::clone(&node),
+            max_future_skew,
+            shadow,
+            metrics: Arc::clone(&metrics),
+        };
+        let (transactions, feedback) = (ingest(), ingest());
+        vec![
+            tokio::spawn(logged(
+                "transactions",
+                transactions.transactions(stop.clone()),
+            )),
+            tokio::spawn(logged("feedback", feedback.feedback(stop))),
+        ]
+    }
+}
+
+/// Runs a consumer loop and logs why it ended, if it failed.
+async fn logged(kind: &'static str, run: impl std::future::Future<Output = anyhow::Result<()>>) {
+    if let Err(e) = run.await {
+        tracing::error!(consumer = kind, error = %format!("{e:#}"), "the NATS consumer stopped");
+    }
+}

@@ -1,0 +1,281 @@
+//! The NATS JetStream door against a real nats-server: transactions published on a subject
+//! get the decisions gRPC would give, in protobuf or JSON; bad messages get an item error
+//! naming the field; a fraudgate killed mid-stream loses nothing and counts nothing twice
+//! after its restart; feedback arrives the same way.
+
+mod common;
+
+use std::time::Duration;
+
+use common::nats::{read_stream, NatsServer};
+use common::process::ServerProcess;
+use common::{explain, feature, req, tx, TestServer};
+use fraudgate::proto;
+use prost::Message;
+
+/// `n` payments of `accounts` accounts, one a second from 2025-03-01T00:00:00Z.
+fn payments(prefix: &str, n: usize, accounts: usize) -> Vec<proto::ScoreRequest> {
+    (0..n)
+        .map(|i| {
+            req(tx(
+                &format!("{prefix}-{i}"),
+                &format!("acct-{}", i % accounts),
+                &format!("m-{}", i % 7),
+                1_000 + (i as i64 * 37) % 50_000,
+                i as i64,
+            ))
+        })
+        .collect()
+}
+
+async fn publish(js: &async_nats::jetstream::Context, subject: &str, payloads: Vec<Vec<u8>>) {
+    // The client allows 5,000 unacknowledged publishes: await in chunks well below it.
+    for chunk in payloads.chunks(1_000) {
+        let mut acks = Vec::new();
+        for p in chunk {
+            acks.push(js.publish(subject.to_owned(), p.clone().into()).await.unwrap());
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+}
+
+fn decisions(
+    messages: &[async_nats::jetstream::message::StreamMessage],
+) -> Vec<proto::ScoreResponse> {
+    messages
+        .iter()
+        .map(|m| proto::ScoreResponse::decode(m.payload.clone()).unwrap())
+        .collect()
+}
+
+/// What a single server fed `requests` over gRPC, in order, answers.
+async fn reference(requests: &[proto::ScoreRequest]) -> Vec<proto::ScoreResponse> {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut answers = client
+        .score_stream(tokio_stream::iter(requests.to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(a) = answers.message().await.unwrap() {
+        out.push(a);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_on_a_subject_get_the_decisions_grpc_gives() {
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let _server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
+    let js = nats.jetstream().await;
+
+    let requests = payments("p", 300, 40);
+    let mut payloads: Vec<Vec<u8>> = requests.iter().map(|r| r.encode_to_vec()).collect();
+    // A person's JSON, a refused currency, and bytes that are no message at all.
+    payloads.push(
+        br#"{"transaction": {"transactionId": "json-1", "accountId": "acct-1", "merchantId": "m-1",
+             "amountMinor": "2500", "currency": "EUR", "eventTime": "2025-03-01T00:05:00Z"}}"#
+            .to_vec(),
+    );
+    let mut bad = tx("bad-currency", "acct-2", "m-1", 100, 301);
+    bad.currency = "EURO".into();
+    payloads.push(req(bad).encode_to_vec());
+    payloads.push(b"\xff\xff\xff not protobuf".to_vec());
+    publish(&js, "fraudgate.transactions", payloads).await;
+
+    let got =
+        decisions(&read_stream(&js, "FRAUDGATE_DECISIONS", 303, Duration::from_secs(60)).await);
+    assert_eq!(got.len(), 303, "one decision per message");
+    let mut json = requests.clone();
+    json.push(req({
+        let mut t = tx("json-1", "acct-1", "m-1", 2_500, 300);
+        t.channel = 0;
+        t
+    }));
+    let expected = reference(&json).await;
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g.transaction_id, e.transaction_id);
+        assert_eq!(g.decision, e.decision, "{}", g.transaction_id);
+        assert_eq!(g.score.to_bits(), e.score.to_bits(), "{}", g.transaction_id);
+        assert_eq!(g.reasons, e.reasons);
+    }
+    let refused = &got[301];
+    assert_eq!(refused.transaction_id, "bad-currency");
+    let err = refused.error.as_ref().unwrap();
+    assert_eq!(
+        (err.code.as_str(), err.field.as_str()),
+        ("INVALID_ARGUMENT", "transaction.currency")
+    );
+    let garbage = got[302].error.as_ref().unwrap();
+    assert_eq!(garbage.code, "INVALID_ARGUMENT");
+    assert!(garbage.message.contains("ScoreRequest"), "{garbage:?}");
+
+    // Everything was acknowledged: nothing is left for the consumer.
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("FRAUDGATE_TRANSACTIONS")
+        .await
+        .unwrap()
+        .get_consumer("fraudgate")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+}
+
+/// Kill -9 while a stream is being scored; restart on the same data directory. Every
+/// transaction ends up with exactly one decision on the decisions stream, one row in the
+/// journal, and one count in its account's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_redelivers_and_every_effect_happens_once() {
+    const N: usize = 6_000;
+    const ACCOUNTS: usize = 60;
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let js = nats.jetstream().await;
+    // The streams exist once a fraudgate has connected: start one, then feed it.
+    let server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
+    let requests = payments("c", N, ACCOUNTS);
+    publish(
+        &js,
+        "fraudgate.transactions",
+        requests.iter().map(|r| r.encode_to_vec()).collect(),
+    )
+    .await;
+    let mut decided = js.get_stream("FRAUDGATE_DECISIONS").await.unwrap();
+    loop {
+        let n = decided.info().await.unwrap().state.messages;
+        if n > 0 {
+            assert!(
+                n < N as u64,
+                "finished before the kill: make the stream longer"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.signal("-KILL");
+    drop(server);
+
+    let server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
+    let got = decisions(
+        &read_stream(
+            &js,
+            "FRAUDGATE_DECISIONS",
+            N as u64,
+            Duration::from_secs(120),
+        )
+        .await,
+    );
+    assert_eq!(got.len(), N, "duplicates were published");
+    let ids: std::collections::BTreeSet<_> = got.iter().map(|d| d.transaction_id.clone()).collect();
+    assert_eq!(ids.len(), N);
+    assert!(got.iter().all(|d| d.error.is_none()));
+
+    // Each account's state counted each of its payments once.
+    let mut client = server.client().await;
+    for a in 0..ACCOUNTS {
+        let probe = client
+            .score(explain(tx(
+                &format!("probe-{a}"),
+                &format!("acct-{a}"),
+                "m-probe",
+                1_000,
+                N as i64 + 60,
+            )))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            feature(&probe, "acct_count_1d"),
+            (N / ACCOUNTS) as f64,
+            "acct-{a}"
+        );
+    }
+    drop(client);
+    drop(server);
+    let journal =
+        rusqlite::Connection::open(data.path().join(fraudgate::journal::JOURNAL_FILE)).unwrap();
+    let (rows, distinct): (i64, i64) = journal
+        .query_row(
+            "SELECT COUNT(*), COUNT(DISTINCT transaction_id) FROM decisions WHERE transaction_id LIKE 'c-%'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((rows, distinct), (N as i64, N as i64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_on_a_subject_is_applied() {
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
+    let js = nats.jetstream().await;
+    let mut client = server.client().await;
+    client
+        .score(req(tx("fb-1", "acct-fb", "m-fb", 5_000, 0)))
+        .await
+        .unwrap();
+    // As JSON, as a person would send it, then one for a transaction never scored.
+    publish(
+        &js,
+        "fraudgate.feedback",
+        vec![
+            br#"{"transactionId": "fb-1", "label": "LABEL_FRAUD", "source": "FEEDBACK_SOURCE_CHARGEBACK"}"#.to_vec(),
+            proto::ReportFeedbackRequest {
+                transaction_id: "never-scored".into(),
+                label: proto::Label::Fraud as i32,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ],
+    )
+    .await;
+    // The merchant's fraud count moves once the feedback is applied.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        i += 1;
+        let probe = client
+            .score(explain(tx(
+                &format!("fb-probe-{i}"),
+                "acct-other",
+                "m-fb",
+                5_000,
+                10 + i,
+            )))
+            .await
+            .unwrap()
+            .into_inner();
+        if feature(&probe, "merch_fraud_rate_30d") > 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the feedback never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("FRAUDGATE_FEEDBACK")
+        .await
+        .unwrap()
+        .get_consumer("fraudgate")
+        .await
+        .unwrap();
+    // Both acknowledged: the unknown transaction is logged and counted, not retried forever.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = consumer.info().await.unwrap();
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
