@@ -33,7 +33,11 @@ async fn publish(js: &async_nats::jetstream::Context, subject: &str, payloads: V
     for chunk in payloads.chunks(1_000) {
         let mut acks = Vec::new();
         for p in chunk {
-            acks.push(js.publish(subject.to_owned(), p.clone().into()).await.unwrap());
+            acks.push(
+                js.publish(subject.to_owned(), p.clone().into())
+                    .await
+                    .unwrap(),
+            );
         }
         for a in acks {
             a.await.unwrap();

@@ -37,7 +37,9 @@ pub(super) struct Ingest {
     pub metrics: Arc<Metrics>,
 }
 
-/// Where one message of a batch stands after scoring.
+/// Where one message of a batch stands after scoring. Lives in a batch's `Vec` only while
+/// the batch is handled, so its size matters less than an allocation per message would.
+#[allow(clippy::large_enum_variant)]
 enum Scoring {
     /// Scored; its journal commit is to be awaited.
     Pending {
