@@ -283,3 +283,66 @@ async fn feedback_on_a_subject_is_applied() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The README's `scripts/nats_try.py` commands, verbatim but for the server they name,
+/// against a fraudgate started as the README starts it (JSON decisions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_stream_commands_work() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("## Streams (NATS JetStream)")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .unwrap();
+    assert!(block.contains("serve --nats nats://127.0.0.1:4222 --nats-format json"));
+    let commands: Vec<&str> = block
+        .lines()
+        .filter(|l| l.starts_with("python3 scripts/nats_try.py"))
+        .collect();
+    assert_eq!(commands.len(), 2, "{block}");
+
+    let nats = NatsServer::start().await;
+    let _server = ServerProcess::start(&[
+        "--ephemeral",
+        "--nats",
+        &nats.url(),
+        "--nats-format",
+        "json",
+    ])
+    .await;
+    let mut outputs = Vec::new();
+    for command in commands {
+        let command = command.replace(
+            "scripts/nats_try.py",
+            &format!("scripts/nats_try.py --server {}", nats.url()),
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("bash")
+                .args(["-c", &command])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{} (needs: pip install nats-py)",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let decision: serde_json::Value = serde_json::from_str(outputs[1].trim()).unwrap();
+    assert_eq!(decision["transactionId"], "nats-1");
+    assert!(
+        decision["decision"]
+            .as_str()
+            .unwrap()
+            .starts_with("DECISION_"),
+        "{decision}"
+    );
+    assert!(decision.get("error").is_none(), "{decision}");
+}
