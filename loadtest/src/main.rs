@@ -6,6 +6,7 @@ mod compare;
 mod pacing;
 mod report;
 mod run;
+mod stream;
 mod traffic;
 
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ enum Command {
     },
     /// Start fraudgate and the ceiling server in turn and compare them.
     Compare(CompareArgs),
+    /// Publish transactions on NATS JetStream to a fraudgate started with --nats and
+    /// measure decisions per second and publish-to-decision latency.
+    Stream(StreamArgs),
     /// Serve fraudgate on its defaults from this binary (what `compare` runs unless given
     /// `--fraudgate-bin`).
     #[command(hide = true)]
@@ -50,6 +54,33 @@ enum Command {
         #[arg(long, value_enum, default_value = "async")]
         durability: fraudgate::journal::Durability,
     },
+}
+
+#[derive(Debug, Args)]
+struct StreamArgs {
+    /// NATS server URL.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Subject prefix fraudgate was started with (--nats-prefix).
+    #[arg(long, default_value = "fraudgate")]
+    prefix: String,
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Publishes per second (default: as fast as JetStream acknowledges them).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Give up when no decision arrives for this long.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    timeout: Duration,
+    #[arg(long, default_value_t = 100_000)]
+    accounts: usize,
+    #[arg(long, default_value_t = 10_000)]
+    merchants: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -202,6 +233,52 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
+        Command::Stream(args) => {
+            let traffic = Traffic::new(
+                args.accounts,
+                args.merchants,
+                args.seed,
+                1_735_689_600,
+                &format!("ls{}", std::process::id()),
+            )?;
+            let report = stream::run(
+                stream::StreamConfig {
+                    nats: args.nats,
+                    prefix: args.prefix,
+                    messages: args.messages,
+                    rate: args.rate,
+                    timeout: args.timeout,
+                },
+                &traffic,
+            )
+            .await?;
+            let p = &report.latency_us;
+            println!(
+                "stream: {} published ({:.0}/s), {} decided ({:.0}/s, {} item errors)\n\
+                 publish -> decision latency (us): p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+                report.messages,
+                report.publish_per_second,
+                report.decided,
+                report.decisions_per_second,
+                report.errors,
+                p.p50,
+                p.p90,
+                p.p99,
+                p.p999,
+                p.max
+            );
+            if let Some(path) = args.json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            anyhow::ensure!(
+                report.decided == report.messages,
+                "only {} of {} messages were decided",
+                report.decided,
+                report.messages
+            );
+            Ok(())
+        }
         Command::CeilingServer { listen } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

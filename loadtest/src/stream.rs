@@ -1,0 +1,119 @@
+//! `loadtest stream`: the NATS JetStream path measured end to end. Publishes simulated
+//! `ScoreRequest`s on `<prefix>.transactions` (as fast as JetStream acknowledges them, or
+//! at `--rate`), listens to `<prefix>.decisions`, and reports messages per second from the
+//! first publish to the last decision, and the latency from each publish to its decision.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use prost::Message;
+
+use crate::report::{histogram, Percentiles};
+use crate::traffic::Traffic;
+
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    pub nats: String,
+    pub prefix: String,
+    pub messages: usize,
+    /// Publishes per second (none: as fast as acknowledged).
+    pub rate: Option<f64>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct StreamReport {
+    pub messages: usize,
+    pub decided: usize,
+    pub errors: usize,
+    pub publish_per_second: f64,
+    pub decisions_per_second: f64,
+    pub latency_us: Percentiles,
+}
+
+pub async fn run(config: StreamConfig, traffic: &Traffic) -> anyhow::Result<StreamReport> {
+    let client = async_nats::connect(config.nats.as_str())
+        .await
+        .with_context(|| format!("connecting to {}", config.nats))?;
+    let js = async_nats::jetstream::new(client.clone());
+    // Core subscription: every decision the stream stores is also delivered here.
+    let mut decisions = client
+        .subscribe(format!("{}.decisions", config.prefix))
+        .await
+        .context("subscribing to the decisions")?;
+    client.flush().await.context("flushing the subscription")?;
+
+    let requests: Vec<_> = (0..config.messages).map(|_| traffic.next_request()).collect();
+    let subject = format!("{}.transactions", config.prefix);
+    let mut sent: HashMap<String, Instant> = HashMap::with_capacity(requests.len());
+    let started = Instant::now();
+    let receiver = async {
+        let (mut decided, mut errors) = (0, 0);
+        let mut last = started;
+        let mut arrivals = Vec::with_capacity(config.messages);
+        while decided < config.messages {
+            let Ok(Some(m)) = tokio::time::timeout(config.timeout, decisions.next()).await else {
+                break;
+            };
+            let at = Instant::now();
+            let Ok(d) = fraudgate::proto::ScoreResponse::decode(m.payload) else {
+                continue;
+            };
+            decided += 1;
+            errors += usize::from(d.error.is_some());
+            last = at;
+            arrivals.push((d.transaction_id, at));
+        }
+        (arrivals, decided, errors, last)
+    };
+    let publisher = async {
+        let mut acks = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            // Open loop: latency counts from the intended send time, so a stalled publisher
+            // does not hide the queueing it causes.
+            let intended = match config.rate {
+                Some(rate) => {
+                    let due = started + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    due
+                }
+                None => Instant::now(),
+            };
+            let id = r
+                .transaction
+                .as_ref()
+                .map(|t| t.transaction_id.clone())
+                .unwrap_or_default();
+            sent.insert(id, intended);
+            acks.push(js.publish(subject.clone(), r.encode_to_vec().into()).await?);
+            // The client allows 5,000 unacknowledged publishes.
+            if acks.len() >= 1_000 {
+                for a in acks.drain(..) {
+                    a.await?;
+                }
+            }
+        }
+        for a in acks {
+            a.await?;
+        }
+        anyhow::Ok(Instant::now())
+    };
+    let ((arrivals, decided, errors, last), published) = tokio::join!(receiver, publisher);
+    let published = published?;
+    let mut latency = histogram();
+    for (id, at) in &arrivals {
+        if let Some(t) = sent.get(id) {
+            latency.saturating_record(at.duration_since(*t).as_nanos() as u64);
+        }
+    }
+    Ok(StreamReport {
+        messages: config.messages,
+        decided,
+        errors,
+        publish_per_second: config.messages as f64 / published.duration_since(started).as_secs_f64(),
+        decisions_per_second: decided as f64 / last.duration_since(started).as_secs_f64(),
+        latency_us: Percentiles::of(&latency),
+    })
+}
