@@ -346,3 +346,39 @@ async fn the_readme_stream_commands_work() {
     );
     assert!(decision.get("error").is_none(), "{decision}");
 }
+
+/// NATS restarts under a running fraudgate: the consumer comes back on its own and what
+/// is published afterwards is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_does_not_stop_the_consumer() {
+    let mut nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let _server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
+    let requests = payments("n", 40, 5);
+    let encoded = |r: &[proto::ScoreRequest]| r.iter().map(|r| r.encode_to_vec()).collect();
+    publish(
+        &nats.jetstream().await,
+        "fraudgate.transactions",
+        encoded(&requests[..20]),
+    )
+    .await;
+    read_stream(
+        &nats.jetstream().await,
+        "FRAUDGATE_DECISIONS",
+        20,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    nats.restart().await;
+    let js = nats.jetstream().await;
+    publish(&js, "fraudgate.transactions", encoded(&requests[20..])).await;
+    let got =
+        decisions(&read_stream(&js, "FRAUDGATE_DECISIONS", 40, Duration::from_secs(60)).await);
+    let ids: Vec<_> = got.iter().map(|d| d.transaction_id.as_str()).collect();
+    let expected: Vec<_> = requests
+        .iter()
+        .map(|r| r.transaction.as_ref().unwrap().transaction_id.as_str())
+        .collect();
+    assert_eq!(ids, expected);
+}

@@ -45,7 +45,9 @@ pub async fn run(config: StreamConfig, traffic: &Traffic) -> anyhow::Result<Stre
         .context("subscribing to the decisions")?;
     client.flush().await.context("flushing the subscription")?;
 
-    let requests: Vec<_> = (0..config.messages).map(|_| traffic.next_request()).collect();
+    let requests: Vec<_> = (0..config.messages)
+        .map(|_| traffic.next_request())
+        .collect();
     let subject = format!("{}.transactions", config.prefix);
     let mut sent: HashMap<String, Instant> = HashMap::with_capacity(requests.len());
     let started = Instant::now();
@@ -87,7 +89,10 @@ pub async fn run(config: StreamConfig, traffic: &Traffic) -> anyhow::Result<Stre
                 .map(|t| t.transaction_id.clone())
                 .unwrap_or_default();
             sent.insert(id, intended);
-            acks.push(js.publish(subject.clone(), r.encode_to_vec().into()).await?);
+            acks.push(
+                js.publish(subject.clone(), r.encode_to_vec().into())
+                    .await?,
+            );
             // The client allows 5,000 unacknowledged publishes.
             if acks.len() >= 1_000 {
                 for a in acks.drain(..) {
@@ -112,7 +117,8 @@ pub async fn run(config: StreamConfig, traffic: &Traffic) -> anyhow::Result<Stre
         messages: config.messages,
         decided,
         errors,
-        publish_per_second: config.messages as f64 / published.duration_since(started).as_secs_f64(),
+        publish_per_second: config.messages as f64
+            / published.duration_since(started).as_secs_f64(),
         decisions_per_second: decided as f64 / last.duration_since(started).as_secs_f64(),
         latency_us: Percentiles::of(&latency),
     })

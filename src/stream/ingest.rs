@@ -37,6 +37,22 @@ pub(super) struct Ingest {
     pub metrics: Arc<Metrics>,
 }
 
+/// What a consumer loop takes from NATS.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kind {
+    Transactions,
+    Feedback,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Transactions => "transactions",
+            Kind::Feedback => "feedback",
+        }
+    }
+}
+
 /// Where one message of a batch stands after scoring. Lives in a batch's `Vec` only while
 /// the batch is handled, so its size matters less than an allocation per message would.
 #[allow(clippy::large_enum_variant)]
@@ -96,24 +112,64 @@ impl Ingest {
         Ok(messages.ready_chunks(batch))
     }
 
-    /// Scores transactions until `stop`.
-    pub async fn transactions(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let mut batches = std::pin::pin!(self.batches("transactions").await?);
-        info!(subject = %self.nats.subject("transactions"), "consuming transactions");
-        loop {
-            let batch = tokio::select! {
-                _ = stop.changed() => break,
-                batch = batches.next() => batch,
+    /// Consumes `kind` until `stop`. Outlives NATS going away: when the pull cannot be
+    /// opened, ends, or yields only errors for a while, it is opened again with backoff
+    /// (up to 5 s), and the durable consumer resumes where it was acknowledged.
+    pub async fn run(self, kind: Kind, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let subject = self.nats.subject(kind.name());
+        let mut delay = Duration::from_millis(100);
+        while !*stop.borrow() {
+            let batches = match self.batches(kind.name()).await {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(%subject, error = %format!("{e:#}"), retry_in = ?delay, "cannot pull; retrying");
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
             };
-            let Some(batch) = batch else { break };
-            let messages = batch
-                .into_iter()
-                .filter_map(|m| {
-                    m.inspect_err(|e| warn!(error = %e, "pulling transactions"))
-                        .ok()
-                })
-                .collect();
-            self.score_batch(messages).await;
+            info!(%subject, "consuming");
+            delay = Duration::from_millis(100);
+            let mut batches = std::pin::pin!(batches);
+            let mut failing = 0;
+            loop {
+                let batch = tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    batch = batches.next() => batch,
+                };
+                let Some(batch) = batch else {
+                    warn!(%subject, "the pull ended; opening it again");
+                    break;
+                };
+                let messages: Vec<Message> = batch
+                    .into_iter()
+                    .filter_map(|m| {
+                        m.inspect_err(|e| warn!(%subject, error = %e, "pulling"))
+                            .ok()
+                    })
+                    .collect();
+                if messages.is_empty() {
+                    failing += 1;
+                    if failing >= 10 {
+                        warn!(%subject, "the pull keeps failing; opening it again");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                failing = 0;
+                match kind {
+                    Kind::Transactions => self.score_batch(messages).await,
+                    Kind::Feedback => {
+                        for m in messages {
+                            self.apply(m).await;
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -256,26 +312,7 @@ impl Ingest {
         }
     }
 
-    /// Applies feedback until `stop`, each acknowledged once committed.
-    pub async fn feedback(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let mut batches = std::pin::pin!(self.batches("feedback").await?);
-        info!(subject = %self.nats.subject("feedback"), "consuming feedback");
-        loop {
-            let batch = tokio::select! {
-                _ = stop.changed() => break,
-                batch = batches.next() => batch,
-            };
-            let Some(batch) = batch else { break };
-            for message in batch {
-                match message {
-                    Ok(m) => self.apply(m).await,
-                    Err(e) => warn!(error = %e, "pulling feedback"),
-                }
-            }
-        }
-        Ok(())
-    }
-
+    /// Applies one feedback message; acknowledged once committed.
     async fn apply(&self, message: Message) {
         let req: Result<proto::ReportFeedbackRequest, String> =
             codec::decode(FEEDBACK_REQUEST, &message.payload);

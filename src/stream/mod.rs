@@ -164,9 +164,12 @@ impl Nats {
         vec![
             tokio::spawn(logged(
                 "transactions",
-                transactions.transactions(stop.clone()),
+                transactions.run(ingest::Kind::Transactions, stop.clone()),
             )),
-            tokio::spawn(logged("feedback", feedback.feedback(stop))),
+            tokio::spawn(logged(
+                "feedback",
+                feedback.run(ingest::Kind::Feedback, stop),
+            )),
         ]
     }
 }

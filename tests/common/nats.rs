@@ -16,24 +16,33 @@ impl NatsServer {
     pub async fn start() -> NatsServer {
         let port = super::process::free_port();
         let store = tempfile::tempdir().unwrap();
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server is not installed (apt-get install nats-server)");
+        let child = spawn(port, store.path());
         let server = NatsServer {
             child,
             port,
             _store: store,
         };
+        server.wait_ready().await;
+        server
+    }
+
+    /// Kills the server and starts it again on the same port and store: streams,
+    /// consumers and their acknowledgements survive, connections do not.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(self.port, self._store.path());
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let (server, port) = (self, self.port);
         let mut last = String::new();
         for _ in 0..200 {
             match async_nats::connect(server.url()).await {
                 // JetStream answers once it is ready.
                 Ok(client) => match client.request("$JS.API.INFO", "".into()).await {
-                    Ok(_) => return server,
+                    Ok(_) => return,
                     Err(e) => last = e.to_string(),
                 },
                 Err(e) => last = e.to_string(),
@@ -50,6 +59,16 @@ impl NatsServer {
     pub async fn jetstream(&self) -> jetstream::Context {
         jetstream::new(async_nats::connect(self.url()).await.unwrap())
     }
+}
+
+fn spawn(port: u16, store: &std::path::Path) -> Child {
+    Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server is not installed (apt-get install nats-server)")
 }
 
 impl Drop for NatsServer {
