@@ -259,25 +259,31 @@ async fn run_sink<F, Fut>(
             Ok(()) => metrics.alert(sink, "delivered"),
             Err(f) => {
                 metrics.alert(sink, "failed");
-                let id = alert
-                    .decision
-                    .as_ref()
-                    .map_or("", |d| d.transaction_id.as_str());
+                let id = transaction_id(&alert);
                 error!(sink, transaction_id = id, reason = %f.reason, "alert not delivered");
             }
         }
     }
 }
 
-async fn publish(nats: &NatsSink, alert: &proto::Alert) -> Result<(), Failure> {
-    let payload = codec::encode(ALERT, alert, nats.format).map_err(|reason| Failure {
+/// The alert's encoding in `format`; failing that is not worth a retry.
+fn encoded(alert: &proto::Alert, format: Format) -> Result<Vec<u8>, Failure> {
+    codec::encode(ALERT, alert, format).map_err(|reason| Failure {
         retryable: false,
         reason,
-    })?;
-    let id = alert
+    })
+}
+
+fn transaction_id(alert: &proto::Alert) -> &str {
+    alert
         .decision
         .as_ref()
-        .map_or("", |d| d.transaction_id.as_str());
+        .map_or("", |d| d.transaction_id.as_str())
+}
+
+async fn publish(nats: &NatsSink, alert: &proto::Alert) -> Result<(), Failure> {
+    let payload = encoded(alert, nats.format)?;
+    let id = transaction_id(alert);
     let message = async_nats::jetstream::message::PublishMessage::build()
         .payload(payload.into())
         .message_id(format!("alert-{id}"))
@@ -296,14 +302,8 @@ async fn publish(nats: &NatsSink, alert: &proto::Alert) -> Result<(), Failure> {
 }
 
 async fn post(client: &reqwest::Client, url: &str, alert: &proto::Alert) -> Result<(), Failure> {
-    let body = codec::encode(ALERT, alert, Format::Json).map_err(|reason| Failure {
-        retryable: false,
-        reason,
-    })?;
-    let id = alert
-        .decision
-        .as_ref()
-        .map_or("", |d| d.transaction_id.as_str());
+    let body = encoded(alert, Format::Json)?;
+    let id = transaction_id(alert);
     let response = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")

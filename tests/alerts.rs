@@ -82,6 +82,20 @@ async fn server(
     (server, metrics, dir)
 }
 
+/// Scores `n` payments of the blocked account, each denied, `pace` apart.
+async fn denials(server: &TestServer, n: i64, pace: Duration) {
+    let mut client = server.client().await;
+    for i in 0..n {
+        tokio::time::sleep(pace).await;
+        let r = client
+            .score(req(tx(&format!("deny-{i}"), "acct-bad", "m-1", 5_000, i)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.decision, proto::Decision::Deny as i32);
+    }
+}
+
 async fn metric(addr: SocketAddr, series: &'static str) -> f64 {
     let body = tokio::task::spawn_blocking(move || scrape(addr))
         .await
@@ -98,15 +112,8 @@ async fn denials_reach_the_alerts_stream_and_the_webhook() {
     let nats = NatsServer::start().await;
     let (hook, received) = flaky_webhook().await;
     let (server, metrics, _dir) = server(&nats, format!("http://{hook}/alerts"), 100).await;
+    denials(&server, 3, Duration::ZERO).await;
     let mut client = server.client().await;
-    for i in 0..3 {
-        let r = client
-            .score(req(tx(&format!("deny-{i}"), "acct-bad", "m-1", 5_000, i)))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.decision, proto::Decision::Deny as i32);
-    }
     for i in 0..5 {
         let r = client
             .score(req(tx(&format!("ok-{i}"), "acct-ok", "m-1", 1_000, 10 + i)))
@@ -169,15 +176,9 @@ async fn a_dead_webhook_fails_no_call_and_loses_no_alert_silently() {
     // Nothing listens there.
     let dead = format!("http://127.0.0.1:{}/alerts", common::process::free_port());
     let (server, metrics, _dir) = server(&nats, dead, 4).await;
-    let mut client = server.client().await;
-    for i in 0..30 {
-        let r = client
-            .score(req(tx(&format!("deny-{i}"), "acct-bad", "m-1", 5_000, i)))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.decision, proto::Decision::Deny as i32);
-    }
+    // Paced so the NATS sink (about a millisecond an alert) keeps up, while the webhook
+    // (retries 100 ms and 200 ms apart) cannot.
+    denials(&server, 30, Duration::from_millis(20)).await;
     // The NATS sink is not held up by the webhook: every alert is there.
     let js = nats.jetstream().await;
     let alerts = read_stream(&js, "FRAUDGATE_ALERTS", 30, Duration::from_secs(30)).await;

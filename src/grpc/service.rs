@@ -206,6 +206,21 @@ pub fn scored_item(
     respond(transaction_id, traced, explain, shadow)
 }
 
+/// Parses a request arriving as a stream item; refused, the item error to answer with.
+pub fn parse_item(
+    req: &proto::ScoreRequest,
+    limits: &ParseLimits,
+) -> Result<crate::domain::Transaction, Box<proto::ScoreResponse>> {
+    parse::transaction(req, limits).map_err(|e| {
+        let id = req
+            .transaction
+            .as_ref()
+            .map(|t| t.transaction_id.clone())
+            .unwrap_or_default();
+        Box::new(invalid_item(id, e))
+    })
+}
+
 /// One ScoreStream item: a response, or a response carrying the item's error.
 async fn score_item(
     node: &Node,
@@ -214,14 +229,9 @@ async fn score_item(
     shadow: bool,
     decision: &mut Option<Decision>,
 ) -> proto::ScoreResponse {
-    let id = req
-        .transaction
-        .as_ref()
-        .map(|t| t.transaction_id.clone())
-        .unwrap_or_default();
-    let tx = match parse::transaction(&req, limits) {
+    let tx = match parse_item(&req, limits) {
         Ok(tx) => tx,
-        Err(e) => return invalid_item(id, e),
+        Err(refused) => return *refused,
     };
     let explain = req.explain;
     let raw = req.transaction.unwrap_or_default();

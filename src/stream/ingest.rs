@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::Nats;
 use crate::codec;
 use crate::grpc::parse::{self, ParseLimits};
-use crate::grpc::service::{error_item, invalid_item, node_error_item, scored_item};
+use crate::grpc::service::{error_item, node_error_item, parse_item, scored_item};
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeError, Pending};
 use crate::proto;
@@ -284,14 +284,9 @@ impl Ingest {
                 )
             }
         };
-        let id = req
-            .transaction
-            .as_ref()
-            .map(|t| t.transaction_id.clone())
-            .unwrap_or_default();
-        let tx = match parse::transaction(&req, limits) {
+        let tx = match parse_item(&req, limits) {
             Ok(tx) => tx,
-            Err(e) => return Scoring::Refused(invalid_item(id, e), "invalid"),
+            Err(refused) => return Scoring::Refused(*refused, "invalid"),
         };
         let raw = req.transaction.unwrap_or_default();
         match self.node.score_pending(&tx, raw, true) {
