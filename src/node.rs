@@ -53,9 +53,17 @@ pub struct Node {
 pub struct Pending {
     pub traced: Traced,
     commit: Option<tokio::sync::oneshot::Receiver<crate::journal::Committed>>,
+    /// A stored answer handed out with a commit asked for: its original entry may still be
+    /// queued (async durability), so it is durable only after a [`Node::flush`].
+    unflushed: bool,
 }
 
 impl Pending {
+    /// Whether a [`Node::flush`] must come before this answer counts as durable.
+    pub fn needs_flush(&self) -> bool {
+        self.unflushed
+    }
+
     /// Waits for the journal commit, if one was asked for.
     pub async fn committed(self) -> Result<Traced, NodeError> {
         if let Some(done) = self.commit {
@@ -141,6 +149,7 @@ impl Node {
             }
         }
         let mut pending = Pending {
+            unflushed: commit && traced.detail.is_none() && self.journal.is_some(),
             traced,
             commit: None,
         };
@@ -155,6 +164,18 @@ impl Node {
             pending.commit = permit.write(entry, commit || self.durability == Durability::Sync);
         }
         Ok(pending)
+    }
+
+    /// Waits until everything journaled so far is committed (nothing to wait for without a
+    /// journal).
+    pub async fn flush(&self) -> Result<(), NodeError> {
+        match &self.journal {
+            Some(j) => j
+                .flush()
+                .await
+                .map_err(|e| NodeError::Journal(format!("{e:#}"))),
+            None => Ok(()),
+        }
     }
 
     /// Applies feedback; with a journal, answers only once it is committed.

@@ -382,3 +382,28 @@ async fn a_nats_restart_does_not_stop_the_consumer() {
         .collect();
     assert_eq!(ids, expected);
 }
+
+/// One transaction through both doors: scored over gRPC, then published on the stream. The
+/// stream's decision is the stored answer (replayed; its journal entry flushed before the
+/// message is acknowledged), and the payment counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_through_both_doors_counts_once() {
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
+    let mut client = server.client().await;
+    let request = req(tx("both-1", "acct-both", "m-1", 4_200, 0));
+    let first = client.score(request.clone()).await.unwrap().into_inner();
+    let js = nats.jetstream().await;
+    publish(&js, "fraudgate.transactions", vec![request.encode_to_vec()]).await;
+    let got = decisions(&read_stream(&js, "FRAUDGATE_DECISIONS", 1, Duration::from_secs(30)).await);
+    assert!(got[0].replayed);
+    assert_eq!(got[0].score.to_bits(), first.score.to_bits());
+    assert_eq!(got[0].decision, first.decision);
+    let probe = client
+        .score(explain(tx("both-probe", "acct-both", "m-1", 1_000, 60)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(feature(&probe, "acct_count_1h"), 1.0);
+}

@@ -186,9 +186,24 @@ impl Ingest {
             })
             .collect();
 
+        // A re-delivered message answered from the store: its first scoring may still be
+        // queued for the journal, so make sure it is committed before acknowledging.
+        let needs_flush = scored
+            .iter()
+            .any(|(_, s)| matches!(s, Scoring::Pending { pending, .. } if pending.needs_flush()));
+        let flushed = !needs_flush
+            || self
+                .node
+                .flush()
+                .await
+                .inspect_err(
+                    |e| warn!(error = %e, "journal flush failed; the messages will come back"),
+                )
+                .is_ok();
         let mut decided = Vec::with_capacity(scored.len());
         for (message, scoring) in scored {
             let answer = match scoring {
+                Scoring::Pending { pending, .. } if pending.needs_flush() && !flushed => None,
                 Scoring::Pending {
                     id,
                     explain,
