@@ -23,6 +23,8 @@ async def main() -> int:
     pub = sub.add_parser("publish", help="publish one message to a JetStream subject")
     pub.add_argument("subject")
     pub.add_argument("payload", help="the message (JSON, as the proto3 JSON mapping)")
+    pub.add_argument("--wait", type=float, default=30.0,
+                     help="seconds to wait for fraudgate to have created the subject's stream")
     read = sub.add_parser("read", help="print the last messages of a stream")
     read.add_argument("stream")
     read.add_argument("--last", type=int, default=1)
@@ -34,6 +36,19 @@ async def main() -> int:
     js = nc.jetstream()
     try:
         if args.command == "publish":
+            # fraudgate creates its streams once it has connected; a publish before that
+            # would have no stream to land in.
+            deadline = asyncio.get_running_loop().time() + args.wait
+            while True:
+                try:
+                    await js.find_stream_name_by_subject(args.subject)
+                    break
+                except nats.js.errors.NotFoundError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        print(f"no stream takes {args.subject}: is fraudgate running with --nats?",
+                              file=sys.stderr)
+                        return 1
+                    await asyncio.sleep(0.2)
             ack = await js.publish(args.subject, args.payload.encode())
             print(f"published to {ack.stream}, sequence {ack.seq}", file=sys.stderr)
             return 0

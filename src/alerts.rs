@@ -55,10 +55,12 @@ impl Default for AlertConfig {
     }
 }
 
-/// The NATS side of alerting: the JetStream context and the subject to publish on.
+/// The NATS side of alerting: the JetStream context once connected (NATS may come up
+/// after fraudgate; until then a delivery attempt fails and is retried), the subject and
+/// the encoding.
 #[derive(Clone)]
 pub struct NatsSink {
-    pub jetstream: async_nats::jetstream::Context,
+    pub jetstream: watch::Receiver<Option<async_nats::jetstream::Context>>,
     pub subject: String,
     pub format: Format,
 }
@@ -292,7 +294,11 @@ async fn publish(nats: &NatsSink, alert: &proto::Alert) -> Result<(), Failure> {
         retryable: true,
         reason: e.to_string(),
     };
-    nats.jetstream
+    let jetstream = nats.jetstream.borrow().clone().ok_or_else(|| Failure {
+        retryable: true,
+        reason: "not connected to NATS yet".into(),
+    })?;
+    jetstream
         .send_publish(nats.subject.clone(), message)
         .await
         .map_err(|e| retry(&e))?

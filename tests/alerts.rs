@@ -79,6 +79,7 @@ async fn server(
         ..ServeConfig::default()
     })
     .await;
+    common::nats::wait_for_fraudgate(&nats.jetstream().await).await;
     (server, metrics, dir)
 }
 

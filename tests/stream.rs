@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::nats::{read_stream, NatsServer};
+use common::nats::{read_stream, wait_for_fraudgate, NatsServer};
 use common::process::ServerProcess;
 use common::{explain, feature, req, tx, TestServer};
 use fraudgate::proto;
@@ -76,6 +76,7 @@ async fn transactions_on_a_subject_get_the_decisions_grpc_gives() {
     let data = tempfile::tempdir().unwrap();
     let _server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
     let js = nats.jetstream().await;
+    wait_for_fraudgate(&js).await;
 
     let requests = payments("p", 300, 40);
     let mut payloads: Vec<Vec<u8>> = requests.iter().map(|r| r.encode_to_vec()).collect();
@@ -143,6 +144,7 @@ async fn a_crash_redelivers_and_every_effect_happens_once() {
     let js = nats.jetstream().await;
     // The streams exist once a fraudgate has connected: start one, then feed it.
     let server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
+    wait_for_fraudgate(&js).await;
     let requests = payments("c", N, ACCOUNTS);
     publish(
         &js,
@@ -220,6 +222,7 @@ async fn feedback_on_a_subject_is_applied() {
     let data = tempfile::tempdir().unwrap();
     let server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
     let js = nats.jetstream().await;
+    wait_for_fraudgate(&js).await;
     let mut client = server.client().await;
     client
         .score(req(tx("fb-1", "acct-fb", "m-fb", 5_000, 0)))
@@ -312,6 +315,7 @@ async fn the_readme_stream_commands_work() {
         "json",
     ])
     .await;
+    wait_for_fraudgate(&nats.jetstream().await).await;
     let mut outputs = Vec::new();
     for command in commands {
         let command = command.replace(
@@ -354,6 +358,7 @@ async fn a_nats_restart_does_not_stop_the_consumer() {
     let mut nats = NatsServer::start().await;
     let data = tempfile::tempdir().unwrap();
     let _server = ServerProcess::start_in(data.path(), &["--nats", &nats.url()]).await;
+    wait_for_fraudgate(&nats.jetstream().await).await;
     let requests = payments("n", 40, 5);
     let encoded = |r: &[proto::ScoreRequest]| r.iter().map(|r| r.encode_to_vec()).collect();
     publish(
@@ -395,6 +400,7 @@ async fn a_transaction_through_both_doors_counts_once() {
     let request = req(tx("both-1", "acct-both", "m-1", 4_200, 0));
     let first = client.score(request.clone()).await.unwrap().into_inner();
     let js = nats.jetstream().await;
+    wait_for_fraudgate(&js).await;
     publish(&js, "fraudgate.transactions", vec![request.encode_to_vec()]).await;
     let got = decisions(&read_stream(&js, "FRAUDGATE_DECISIONS", 1, Duration::from_secs(30)).await);
     assert!(got[0].replayed);
@@ -406,4 +412,35 @@ async fn a_transaction_through_both_doors_counts_once() {
         .unwrap()
         .into_inner();
     assert_eq!(feature(&probe, "acct_count_1h"), 1.0);
+}
+
+/// NATS is down when fraudgate starts: gRPC serves anyway, and the stream door starts once
+/// NATS comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_serves_while_nats_is_down_and_the_stream_starts_when_it_is_up() {
+    let port = common::process::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_in(data.path(), &["--nats", &url]).await;
+    let answer = server
+        .client()
+        .await
+        .score(req(tx("early-1", "acct-e", "m-1", 1_000, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.error.is_none());
+
+    let nats = NatsServer::start_on(port).await;
+    let js = nats.jetstream().await;
+    wait_for_fraudgate(&js).await;
+    publish(
+        &js,
+        "fraudgate.transactions",
+        vec![req(tx("late-1", "acct-e", "m-1", 2_000, 60)).encode_to_vec()],
+    )
+    .await;
+    let got = decisions(&read_stream(&js, "FRAUDGATE_DECISIONS", 1, Duration::from_secs(30)).await);
+    assert_eq!(got[0].transaction_id, "late-1");
+    assert!(got[0].error.is_none());
 }

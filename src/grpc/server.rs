@@ -181,25 +181,26 @@ pub async fn run(
         None => None,
     };
 
-    let nats = match &config.nats {
-        Some(c) => {
-            let nats = Nats::connect(c.clone()).await?;
-            info!(url = %c.url, prefix = %c.prefix, "connected to NATS JetStream");
-            Some(nats)
-        }
-        None => None,
-    };
+    // NATS is connected in the background: gRPC serves even while it is down.
+    let (ingest_stop, ingest_stopped) = tokio::sync::watch::channel(false);
+    let nats = config.nats.clone().map(|c| {
+        (
+            Nats::connect_in_background(c.clone(), ingest_stopped.clone()),
+            c,
+        )
+    });
 
     let metrics = Arc::new(Metrics::new()?);
     let alerts = if config.shadow {
-        if nats.is_some() || config.alerts.webhook.is_some() {
+        if config.nats.is_some() || config.alerts.webhook.is_some() {
             warn!("shadow mode: every answer is ALLOW, so no alerts are sent");
         }
         None
     } else {
         Alerts::start(
             &config.alerts,
-            nats.as_ref().map(Nats::alert_sink),
+            nats.as_ref()
+                .map(|(connected, c)| Nats::alert_sink(c, connected)),
             Arc::clone(&metrics),
         )?
     };
@@ -334,18 +335,16 @@ pub async fn run(
     metrics.set_node(Arc::clone(&node));
     set_health(&health, ServingStatus::Serving).await;
     info!(%addr, "serving");
-    let (ingest_stop, ingest_stopped) = tokio::sync::watch::channel(false);
-    let ingest = nats
-        .map(|n| {
-            n.consume(
-                Arc::clone(&node),
-                config.max_future_skew,
-                config.shadow,
-                Arc::clone(&metrics),
-                ingest_stopped,
-            )
-        })
-        .unwrap_or_default();
+    let ingest = nats.map(|(connected, _)| {
+        tokio::spawn(Nats::consume_when_connected(
+            connected,
+            Arc::clone(&node),
+            config.max_future_skew,
+            config.shadow,
+            Arc::clone(&metrics),
+            ingest_stopped,
+        ))
+    });
 
     let evictor = tokio::spawn(evict_periodically(
         Arc::clone(node.engine()),
@@ -392,7 +391,7 @@ pub async fn run(
     // The stream consumers finish the batch in hand (its messages journaled, published and
     // acknowledged, or left for re-delivery), then the alert sinks deliver what is queued.
     let _ = ingest_stop.send(true);
-    for task in ingest {
+    if let Some(task) = ingest {
         if tokio::time::timeout(config.shutdown_grace, task)
             .await
             .is_err()

@@ -134,12 +134,73 @@ impl Nats {
             .collect()
     }
 
-    /// Where alerts are published.
-    pub fn alert_sink(&self) -> NatsSink {
+    /// Connects in the background, retrying with backoff (up to 5 s) until it succeeds or
+    /// `stop` turns true: NATS being down when fraudgate starts must not keep gRPC from
+    /// serving. The receiver holds the connection once made.
+    pub fn connect_in_background(
+        config: NatsConfig,
+        mut stop: watch::Receiver<bool>,
+    ) -> watch::Receiver<Option<Nats>> {
+        let (ready, connected) = watch::channel(None);
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match Nats::connect(config.clone()).await {
+                    Ok(nats) => {
+                        tracing::info!(url = %config.url, prefix = %config.prefix, "connected to NATS JetStream");
+                        let _ = ready.send(Some(nats));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "NATS is not reachable; gRPC serves meanwhile");
+                    }
+                }
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+        connected
+    }
+
+    /// Where alerts are published, once `connected` holds a connection.
+    pub fn alert_sink(config: &NatsConfig, connected: &watch::Receiver<Option<Nats>>) -> NatsSink {
+        let (tx, rx) = watch::channel(None);
+        let mut connected = connected.clone();
+        tokio::spawn(async move {
+            if let Ok(nats) = connected.wait_for(Option::is_some).await {
+                let _ = tx.send(nats.as_ref().map(|n| n.jetstream.clone()));
+            }
+        });
         NatsSink {
-            jetstream: self.jetstream.clone(),
-            subject: self.subject("alerts"),
-            format: self.config.format,
+            jetstream: rx,
+            subject: format!("{}.alerts", config.prefix),
+            format: config.format,
+        }
+    }
+
+    /// Once `connected` holds a connection, consumes as [`Nats::consume`] does; ends when
+    /// the consumers have (after `stop`).
+    pub async fn consume_when_connected(
+        mut connected: watch::Receiver<Option<Nats>>,
+        node: Arc<Node>,
+        max_future_skew: Option<Duration>,
+        shadow: bool,
+        metrics: Arc<Metrics>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let nats = tokio::select! {
+            _ = stop.changed() => return,
+            nats = connected.wait_for(Option::is_some) => match nats {
+                Ok(n) => n.clone(),
+                Err(_) => return,
+            },
+        };
+        let Some(nats) = nats else { return };
+        for task in nats.consume(node, max_future_skew, shadow, metrics, stop) {
+            let _ = task.await;
         }
     }
 

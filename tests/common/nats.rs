@@ -14,7 +14,11 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
-        let port = super::process::free_port();
+        NatsServer::start_on(super::process::free_port()).await
+    }
+
+    /// Starts one on `port` (for a fraudgate that was told the address before NATS ran).
+    pub async fn start_on(port: u16) -> NatsServer {
         let store = tempfile::tempdir().unwrap();
         let child = spawn(port, store.path());
         let server = NatsServer {
@@ -110,4 +114,17 @@ pub async fn read_stream(
         out.push(stream.get_raw_message(seq).await.unwrap());
     }
     out
+}
+
+/// Waits until a fraudgate has connected to NATS and created its streams (it connects in
+/// the background, after it reports SERVING).
+pub async fn wait_for_fraudgate(js: &jetstream::Context) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while js.get_stream("FRAUDGATE_ALERTS").await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fraudgate never created its streams"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
