@@ -90,11 +90,15 @@ async fn transactions_on_a_subject_get_the_decisions_grpc_gives() {
     bad.currency = "EURO".into();
     payloads.push(req(bad).encode_to_vec());
     payloads.push(b"\xff\xff\xff not protobuf".to_vec());
+    // The first payment again with another amount: a conflict, not a duplicate decision.
+    let mut conflict = requests[0].clone();
+    conflict.transaction.as_mut().unwrap().amount_minor += 1;
+    payloads.push(conflict.encode_to_vec());
     publish(&js, "fraudgate.transactions", payloads).await;
 
     let got =
-        decisions(&read_stream(&js, "FRAUDGATE_DECISIONS", 303, Duration::from_secs(60)).await);
-    assert_eq!(got.len(), 303, "one decision per message");
+        decisions(&read_stream(&js, "FRAUDGATE_DECISIONS", 304, Duration::from_secs(60)).await);
+    assert_eq!(got.len(), 304, "one decision per message");
     let mut json = requests.clone();
     json.push(req({
         let mut t = tx("json-1", "acct-1", "m-1", 2_500, 300);
@@ -118,6 +122,13 @@ async fn transactions_on_a_subject_get_the_decisions_grpc_gives() {
     let garbage = got[302].error.as_ref().unwrap();
     assert_eq!(garbage.code, "INVALID_ARGUMENT");
     assert!(garbage.message.contains("ScoreRequest"), "{garbage:?}");
+    let conflicted = &got[303];
+    assert_eq!(conflicted.transaction_id, "p-0");
+    let err = conflicted.error.as_ref().unwrap();
+    assert_eq!(
+        (err.code.as_str(), err.field.as_str()),
+        ("ALREADY_EXISTS", "transaction.transaction_id")
+    );
 
     // Everything was acknowledged: nothing is left for the consumer.
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = js

@@ -237,8 +237,10 @@ impl Ingest {
                 nak(&message).await;
                 continue;
             };
-            let msg_id = if response.transaction_id.is_empty() {
-                // Nothing to name it by: the input's place in its stream.
+            let msg_id = if response.transaction_id.is_empty() || response.error.is_some() {
+                // An error is named by the input's place in its stream, not by the
+                // transaction id: a conflicting second payload must not be dropped as a
+                // duplicate of the first one's decision.
                 message
                     .info()
                     .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
