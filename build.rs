@@ -7,9 +7,12 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/fraudgate/v1/fraudgate.proto";
+    let protos = [
+        "proto/fraudgate/v1/fraudgate.proto",
+        "proto/fraudgate/v1/cluster.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
         out_dir.join("fraudgate_descriptor.bin"),

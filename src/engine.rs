@@ -28,11 +28,12 @@ use crate::domain::{
 };
 use crate::drift::ModelMonitor;
 use crate::features::{self, FeatureVector};
+use crate::ids::TxKey;
 use crate::model::hst::HstMass;
 use crate::model::{Model, Prediction};
 use crate::policy::Policy;
 use crate::state::txstore::{Conflict, NotFound, TxRecord, TxStore};
-use crate::state::{Cut, EntityCounts, State, StateImage, TxFacts};
+use crate::state::{Cut, EntityCounts, Pending, State, StateImage, TxFacts};
 
 /// Settings of the engine itself.
 #[derive(Debug, Clone, Copy)]
@@ -391,12 +392,58 @@ impl Engine {
         Arc::clone(&current.model)
     }
 
+    /// The entities and the current label of a scored transaction still in the store.
+    pub fn transaction_facts(&self, key: TxKey) -> Option<(TxFacts, Option<Label>)> {
+        let facts = self.txs.facts(key)?;
+        Some((facts, self.txs.label(key).ok()?))
+    }
+
     pub fn entity_counts(&self) -> EntityCounts {
         self.state.counts()
     }
 
     pub fn tracked_transactions(&self) -> usize {
         self.txs.len()
+    }
+}
+
+/// Cluster mode (see `crate::cluster`): what another node did and what a node taking over a
+/// partition rebuilds. None of it is journaled or numbered: in a cluster the ledger on
+/// JetStream is the record and there are no snapshots, so the sequencer's cut does not
+/// apply; each change still holds only the entry it writes.
+impl Engine {
+    /// Another node scored `tx`: its merchant, device and IP windows take it.
+    pub fn apply_remote_scored(&self, tx: &Transaction) {
+        self.state.replay_observe(tx, Pending::SHARED);
+    }
+
+    /// Another node applied a label: the shared entities' fraud counts take its change.
+    pub fn apply_remote_label(&self, facts: &TxFacts, fraud_delta: i32) {
+        if fraud_delta != 0 {
+            self.state.add_fraud_to(facts, fraud_delta, Pending::SHARED);
+        }
+    }
+
+    /// Rebuilding a partition from the ledger: the account's windows take `tx` and the
+    /// store takes its answer, so a retry gets it and feedback finds it.
+    pub fn rebuild_scored(&self, tx: &Transaction, scored: Arc<Scored>) {
+        self.state.replay_observe(tx, Pending::ACCOUNT);
+        self.restore_transaction(tx, scored, None);
+    }
+
+    /// Rebuilding a partition from the ledger: a label, with its change to the account's
+    /// fraud counts. Unknown transactions (older than the store) are skipped.
+    pub fn rebuild_label(&self, key: TxKey, label: Label) {
+        let _ = self.txs.set_label(key, label, |rec, delta| {
+            if delta != 0 {
+                self.state.add_fraud_to(&rec.facts, delta, Pending::ACCOUNT);
+            }
+        });
+    }
+
+    /// Forgets the accounts of partition `p`; returns how many there were.
+    pub fn forget_account_partition(&self, p: usize) -> usize {
+        self.state.forget_account_partition(p)
     }
 }
 

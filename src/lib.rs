@@ -9,6 +9,7 @@ pub mod admin;
 pub mod alerts;
 pub mod backtest;
 pub mod breaker;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod dataset;

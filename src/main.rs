@@ -220,6 +220,11 @@ struct ServeArgs {
     /// (after a crash, how long the messages in hand take to come back).
     #[arg(long, value_parser = duration, default_value = "10s")]
     nats_ack_wait: Duration,
+    /// Run as a node of a cluster (with --nats and --ephemeral): the accounts are split among
+    /// the nodes sharing the NATS prefix, and the state lives in JetStream
+    /// (docs/SCALING.md). The name must be unique and stable across the node's restarts.
+    #[arg(long, requires_all = ["nats", "ephemeral"])]
+    cluster_node: Option<String>,
     /// Decisions that become alerts (on the NATS alerts subject and the webhook).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "review,deny")]
     alert_on: Vec<AlertOn>,
@@ -445,6 +450,14 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
             ack_wait: args.nats_ack_wait,
             ..Default::default()
         }),
+        cluster: args
+            .cluster_node
+            .clone()
+            .map(|node| {
+                let c = fraudgate::cluster::ClusterConfig { node };
+                c.validate().map(|()| c)
+            })
+            .transpose()?,
         alerts: fraudgate::alerts::AlertConfig {
             on_review: args.alert_on.contains(&AlertOn::Review),
             on_deny: args.alert_on.contains(&AlertOn::Deny),

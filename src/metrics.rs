@@ -47,6 +47,7 @@ pub struct Metrics {
     decision_labels: IntGaugeVec,
     decision_precision: GaugeVec,
     stream_messages: IntCounterVec,
+    owned_partitions: IntGauge,
     alerts: IntCounterVec,
     /// Held while scrape-time values are copied in, so two scrapes do not both add the same
     /// increase to a counter.
@@ -163,6 +164,10 @@ impl Metrics {
             ),
             &["stream", "outcome"],
         )?;
+        let owned_partitions = IntGauge::new(
+            "cluster_owned_partitions",
+            "Account partitions this node owns and scores (cluster mode)",
+        )?;
         let alerts = IntCounterVec::new(
             Opts::new(
                 "alerts_total",
@@ -174,6 +179,7 @@ impl Metrics {
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(stream_messages.clone()),
+            Box::new(owned_partitions.clone()),
             Box::new(alerts.clone()),
             Box::new(latency.clone()),
             Box::new(decisions.clone()),
@@ -218,6 +224,7 @@ impl Metrics {
             decision_labels,
             decision_precision,
             stream_messages,
+            owned_partitions,
             alerts,
             scrape: Mutex::new(()),
             node: OnceLock::new(),
@@ -244,6 +251,11 @@ impl Metrics {
         self.stream_messages
             .with_label_values(&[stream, outcome])
             .inc();
+    }
+
+    /// How many account partitions this cluster node owns.
+    pub fn set_owned_partitions(&self, n: usize) {
+        self.owned_partitions.set(n as i64);
     }
 
     /// One alert event for a sink (`nats`, `webhook`).

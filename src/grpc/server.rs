@@ -98,6 +98,8 @@ pub struct ServeConfig {
     /// Consume transactions and feedback from NATS JetStream and publish decisions and
     /// alerts there (none: no NATS).
     pub nats: Option<NatsConfig>,
+    /// Cluster mode (with `nats`): this node's name.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Which decisions become alerts, and the webhook they are POSTed to.
     pub alerts: AlertConfig,
 }
@@ -127,6 +129,7 @@ impl Default for ServeConfig {
             retrain_every: None,
             promotion_margin: 0.005,
             nats: None,
+            cluster: None,
             alerts: AlertConfig::default(),
         }
     }
@@ -338,6 +341,7 @@ pub async fn run(
     let ingest = nats.map(|(connected, _)| {
         tokio::spawn(Nats::consume_when_connected(
             connected,
+            config.cluster.clone(),
             Arc::clone(&node),
             config.max_future_skew,
             config.shadow,

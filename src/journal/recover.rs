@@ -213,7 +213,7 @@ fn features_of(json: &str) -> anyhow::Result<FeatureVector> {
 /// Reason strings are `&'static str` (a reason is copied, never allocated, on the hot path).
 /// Those read back from the journal are interned: the set of distinct strings is the small,
 /// fixed set the code itself produces, so this leaks a few hundred bytes once.
-fn intern(s: &str) -> &'static str {
+pub(crate) fn intern(s: &str) -> &'static str {
     static SEEN: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Default::default);
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(&known) = seen.get(s) {

@@ -140,6 +140,21 @@ impl Pending {
         device: true,
         ip: true,
     };
+    /// The shared entities only: another cluster node's account is not ours.
+    pub const SHARED: Pending = Pending {
+        account: false,
+        merchant: true,
+        device: true,
+        ip: true,
+    };
+    /// The account only: a cluster node rebuilding a partition it took over, whose shared
+    /// entities already hold that traffic.
+    pub const ACCOUNT: Pending = Pending {
+        account: true,
+        merchant: false,
+        device: false,
+        ip: false,
+    };
 }
 
 impl Cut {
@@ -346,6 +361,14 @@ impl State {
         let after = self.counts();
         (before.accounts + before.merchants + before.devices + before.ips)
             - (after.accounts + after.merchants + after.devices + after.ips)
+    }
+
+    /// Forgets every account of partition `p` (a cluster node giving the partition up).
+    pub fn forget_account_partition(&self, p: usize) -> usize {
+        let part = &self.accounts.parts()[p];
+        let n = part.len();
+        part.clear();
+        n
     }
 
     pub fn counts(&self) -> EntityCounts {

@@ -36,6 +36,16 @@ pub struct Conflict;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotFound;
 
+/// The change to a transaction's fraud count when its label goes from `previous` to `label`.
+pub fn fraud_delta(previous: Option<Label>, label: Label) -> i32 {
+    match (previous, label) {
+        (Some(Label::Fraud), Label::Fraud) => 0,
+        (Some(Label::Fraud), Label::Legitimate) => -1,
+        (_, Label::Fraud) => 1,
+        _ => 0,
+    }
+}
+
 /// The bounded store of recent transactions.
 #[derive(Debug)]
 pub struct TxStore {
@@ -135,17 +145,18 @@ impl TxStore {
                 previous,
             });
         }
-        let delta = match (previous, label) {
-            (Some(Label::Fraud), Label::Legitimate) => -1,
-            (_, Label::Fraud) => 1,
-            _ => 0,
-        };
+        let delta = fraud_delta(previous, label);
         rec.label = Some(label);
         on_change(&rec, delta);
         Ok(FeedbackOutcome {
             applied: true,
             previous,
         })
+    }
+
+    /// The entities of `key`'s transaction, if it is known.
+    pub fn facts(&self, key: TxKey) -> Option<TxFacts> {
+        self.map.get(&key).map(|r| r.facts)
     }
 
     /// The label currently recorded for `key`, if the transaction is known.

@@ -1,11 +1,12 @@
-//! The consumer loops behind [`super::Nats::consume`]: decode -> parse -> node, in stream
-//! order, a batch at a time; acknowledge only what is journaled and published.
+//! The consumer loops behind [`super::Nats::consume`] (and a cluster node's partitions,
+//! router and feedback): decode -> parse -> node, in stream order, a batch at a time;
+//! acknowledge only what is journaled and published (and, in a cluster, in the ledger).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::message::{AckKind, Message};
 use futures::StreamExt;
@@ -13,9 +14,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::Nats;
+use crate::cluster::Ledger;
 use crate::codec;
 use crate::grpc::parse::{self, ParseLimits};
-use crate::grpc::service::{error_item, node_error_item, parse_item, scored_item};
+use crate::grpc::service::{error_item, node_error_item, parse_item, scored_item, to_proto};
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeError, Pending};
 use crate::proto;
@@ -27,28 +29,55 @@ const SCORE_RESPONSE: &str = "fraudgate.v1.ScoreResponse";
 /// A message asked to come back later (the journal is behind, or publishing failed).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Feedback naming a transaction no node knows is asked back this long after it was
+/// published, then acknowledged as unknown: in a cluster, its transaction's partition may
+/// be moving to another node.
+const NOT_FOUND_GRACE_SECS: i64 = 30;
+
 /// One consumer loop's view of the server.
-pub(super) struct Ingest {
+pub(crate) struct Ingest {
     pub nats: Nats,
     pub node: Arc<Node>,
     pub max_future_skew: Option<Duration>,
     /// Shadow mode: decisions published as ALLOW, as gRPC answers them.
     pub shadow: bool,
     pub metrics: Arc<Metrics>,
+    /// Where the messages come from.
+    pub source: Source,
+    /// Cluster mode: the ledger every fresh scoring and label is written to before its
+    /// input is acknowledged.
+    pub ledger: Option<Arc<Ledger>>,
+}
+
+/// A durable pull consumer on one stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Source {
+    pub kind: Kind,
+    pub stream: String,
+    pub durable: String,
+    /// Only this subject of the stream (empty: all of it).
+    pub filter: String,
+    /// A consumer created now starts at new messages rather than the stream's first.
+    pub only_new: bool,
+    /// A consumer created now starts at this stream sequence.
+    pub start_at: Option<u64>,
 }
 
 /// What a consumer loop takes from NATS.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Kind {
+pub(crate) enum Kind {
     Transactions,
     Feedback,
+    /// Cluster mode: inputs republished to their account's partition.
+    Route,
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Kind::Transactions => "transactions",
             Kind::Feedback => "feedback",
+            Kind::Route => "route",
         }
     }
 }
@@ -62,6 +91,8 @@ enum Scoring {
         id: String,
         explain: bool,
         pending: Pending,
+        /// Cluster mode: the account's partition and the transaction as sent.
+        ledger: Option<(usize, proto::Transaction)>,
     },
     /// Not scorable: the item error is the decision published for it.
     Refused(proto::ScoreResponse, &'static str),
@@ -70,19 +101,44 @@ enum Scoring {
 }
 
 impl Ingest {
-    async fn consumer(&self, kind: &str) -> anyhow::Result<PullConsumer> {
-        let name = &self.nats.config.consumer;
-        let stream = self
+    /// The durable consumer of a single node: every message of `kind`'s stream.
+    pub fn source(nats: &Nats, kind: Kind) -> Source {
+        Source {
+            kind,
+            stream: nats.stream_name(kind.name()),
+            durable: nats.config.consumer.clone(),
+            filter: String::new(),
+            only_new: false,
+            start_at: None,
+        }
+    }
+
+    async fn consumer(&self) -> anyhow::Result<PullConsumer> {
+        let Source {
+            stream,
+            durable,
+            filter,
+            ..
+        } = &self.source;
+        let opened = self
             .nats
             .jetstream
-            .get_stream(self.nats.stream_name(kind))
+            .get_stream(stream)
             .await
-            .with_context(|| format!("opening the stream {}", self.nats.stream_name(kind)))?;
-        stream
+            .with_context(|| format!("opening the stream {stream}"))?;
+        opened
             .get_or_create_consumer(
-                name,
+                durable,
                 pull::Config {
-                    durable_name: Some(name.clone()),
+                    durable_name: Some(durable.clone()),
+                    filter_subject: filter.clone(),
+                    deliver_policy: match (self.source.start_at, self.source.only_new) {
+                        (Some(start_sequence), _) => {
+                            DeliverPolicy::ByStartSequence { start_sequence }
+                        }
+                        (None, true) => DeliverPolicy::New,
+                        (None, false) => DeliverPolicy::All,
+                    },
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: self.nats.config.ack_wait,
                     max_ack_pending: (self.nats.config.batch * 4).max(1) as i64,
@@ -90,24 +146,23 @@ impl Ingest {
                 },
             )
             .await
-            .with_context(|| format!("creating the consumer {name} on {kind}"))
+            .with_context(|| format!("creating the consumer {durable} on {stream}"))
     }
 
     async fn batches(
         &self,
-        kind: &str,
     ) -> anyhow::Result<impl futures::Stream<Item = Vec<Result<Message, impl std::fmt::Display>>>>
     {
         let batch = self.nats.config.batch.max(1);
         let messages = self
-            .consumer(kind)
+            .consumer()
             .await?
             .stream()
             .max_messages_per_batch(batch)
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await
-            .with_context(|| format!("pulling from {}", self.nats.subject(kind)))?;
+            .with_context(|| format!("pulling from {}", self.source.stream))?;
         // Whatever has arrived, up to a batch: no waiting for a batch to fill.
         Ok(messages.ready_chunks(batch))
     }
@@ -115,11 +170,16 @@ impl Ingest {
     /// Consumes `kind` until `stop`. Outlives NATS going away: when the pull cannot be
     /// opened, ends, or yields only errors for a while, it is opened again with backoff
     /// (up to 5 s), and the durable consumer resumes where it was acknowledged.
-    pub async fn run(self, kind: Kind, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let subject = self.nats.subject(kind.name());
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let kind = self.source.kind;
+        let subject = if self.source.filter.is_empty() {
+            self.source.stream.clone()
+        } else {
+            self.source.filter.clone()
+        };
         let mut delay = Duration::from_millis(100);
         while !*stop.borrow() {
-            let batches = match self.batches(kind.name()).await {
+            let batches = match self.batches().await {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(%subject, error = %format!("{e:#}"), retry_in = ?delay, "cannot pull; retrying");
@@ -168,6 +228,9 @@ impl Ingest {
                             self.apply(m).await;
                         }
                     }
+                    Kind::Route => {
+                        crate::cluster::router::route(&self.nats, &self.metrics, messages).await
+                    }
                 }
             }
         }
@@ -208,6 +271,7 @@ impl Ingest {
                     id,
                     explain,
                     pending,
+                    ledger,
                 } => match pending.committed().await {
                     Ok(traced) => {
                         let outcome = if traced.outcome.replayed {
@@ -215,14 +279,31 @@ impl Ingest {
                         } else {
                             "scored"
                         };
-                        Some((scored_item(id, traced, explain, self.shadow), outcome))
+                        // Written for a fresh scoring, and again (dropped as a duplicate
+                        // of the same id) for a re-delivery whose first write may have
+                        // failed; never for a client's retry of an answered transaction.
+                        let redelivered = message.info().is_ok_and(|i| i.delivered > 1);
+                        let entry = match (ledger, &self.ledger) {
+                            (Some((p, raw)), Some(l))
+                                if !traced.outcome.replayed || redelivered =>
+                            {
+                                let answer = to_proto(id.clone(), &traced.outcome);
+                                Some(l.scored(p, &id, raw, answer))
+                            }
+                            _ => None,
+                        };
+                        Some((
+                            scored_item(id, traced, explain, self.shadow),
+                            outcome,
+                            entry,
+                        ))
                     }
                     Err(e) => {
                         warn!(error = %e, "journal commit failed; the message will come back");
                         None
                     }
                 },
-                Scoring::Refused(response, outcome) => Some((response, outcome)),
+                Scoring::Refused(response, outcome) => Some((response, outcome, None)),
                 Scoring::Later => None,
             };
             decided.push((message, answer));
@@ -232,7 +313,7 @@ impl Ingest {
         let format = self.nats.config.format;
         let mut published = Vec::with_capacity(decided.len());
         for (message, answer) in decided {
-            let Some((response, outcome)) = answer else {
+            let Some((response, outcome, entry)) = answer else {
                 self.metrics.stream_message("transactions", "retry");
                 nak(&message).await;
                 continue;
@@ -260,20 +341,43 @@ impl Ingest {
                 .payload(payload.into())
                 .message_id(msg_id)
                 .header("Content-Type", format.content_type());
+            // In a cluster the ledger entry goes first: a decision is never out before the
+            // record that lets another node rebuild it.
+            let written = match entry {
+                Some((subject, publish)) => {
+                    match self.nats.jetstream.send_publish(subject, publish).await {
+                        Ok(ack) => Some(ack),
+                        Err(e) => {
+                            warn!(error = %e, "writing the ledger; the message will come back");
+                            nak(&message).await;
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
             match self
                 .nats
                 .jetstream
                 .send_publish(subject.clone(), publish)
                 .await
             {
-                Ok(ack) => published.push((message, ack, outcome)),
+                Ok(ack) => published.push((message, written, ack, outcome)),
                 Err(e) => {
                     warn!(error = %e, "publishing a decision; the message will come back");
                     nak(&message).await;
                 }
             }
         }
-        for (message, ack, outcome) in published {
+        for (message, written, ack, outcome) in published {
+            if let Some(written) = written {
+                if let Err(e) = written.await {
+                    warn!(error = %e, "the ledger did not acknowledge; the message will come back");
+                    self.metrics.stream_message("transactions", "retry");
+                    nak(&message).await;
+                    continue;
+                }
+            }
             match ack.await {
                 Ok(_) => {
                     self.metrics.stream_message("transactions", outcome);
@@ -306,11 +410,18 @@ impl Ingest {
             Err(refused) => return Scoring::Refused(*refused, "invalid"),
         };
         let raw = req.transaction.unwrap_or_default();
+        let ledger = self.ledger.is_some().then(|| {
+            (
+                crate::state::partitioned::partition(tx.account),
+                raw.clone(),
+            )
+        });
         match self.node.score_pending(&tx, raw, true) {
             Ok(pending) => Scoring::Pending {
                 id: tx.id,
                 explain: req.explain,
                 pending,
+                ledger,
             },
             Err(NodeError::JournalFull) => Scoring::Later,
             Err(e) => {
@@ -338,18 +449,34 @@ impl Ingest {
                 warn!(error = %e, "feedback message refused");
                 "invalid"
             }
-            Ok((fb, req)) => match self.node.feedback(&fb, req).await {
-                Ok(_) => "applied",
-                Err(NodeError::NotFound) => {
-                    warn!(transaction_id = %fb.transaction_id, "feedback for a transaction not scored here");
-                    "not_found"
-                }
+            Ok((fb, req)) => match self.record_label(&message, &fb).await {
                 Err(e) => {
-                    warn!(error = %e, "feedback not applied; the message will come back");
+                    warn!(error = %format!("{e:#}"), "writing the ledger; the feedback will come back");
                     self.metrics.stream_message("feedback", "retry");
                     nak(&message).await;
                     return;
                 }
+                Ok(()) => match self.node.feedback(&fb, req).await {
+                    Ok(_) => "applied",
+                    Err(NodeError::NotFound) if self.ledger.is_some() && young(&message) => {
+                        // Another node's, or a moving partition's: asked back until it is old.
+                        if let Err(e) = message.ack_with(AckKind::Nak(Some(NOT_FOUND_GRACE))).await
+                        {
+                            warn!(error = %e, "asking for a message to come back");
+                        }
+                        return;
+                    }
+                    Err(NodeError::NotFound) => {
+                        warn!(transaction_id = %fb.transaction_id, "feedback for a transaction not scored here");
+                        "not_found"
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "feedback not applied; the message will come back");
+                        self.metrics.stream_message("feedback", "retry");
+                        nak(&message).await;
+                        return;
+                    }
+                },
             },
         };
         self.metrics.stream_message("feedback", outcome);
@@ -357,6 +484,49 @@ impl Ingest {
             warn!(error = %e, "acknowledging a feedback message");
         }
     }
+}
+
+impl Ingest {
+    /// Cluster mode: writes a label for a transaction this node holds to its partition's
+    /// ledger before applying it, with the change it is about to make (so a crash between
+    /// the two re-delivers the feedback and the same entry, dropped as a duplicate).
+    async fn record_label(
+        &self,
+        message: &Message,
+        fb: &crate::domain::Feedback,
+    ) -> anyhow::Result<()> {
+        let (Some(ledger), Some((facts, previous))) =
+            (&self.ledger, self.node.engine().transaction_facts(fb.key))
+        else {
+            return Ok(());
+        };
+        let msg_id = message
+            .info()
+            .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (subject, publish) = ledger.labelled(fb, &facts, previous, msg_id);
+        self.nats
+            .jetstream
+            .send_publish(subject, publish)
+            .await
+            .context("publishing a label")?
+            .await
+            .context("the ledger's acknowledgement")?;
+        Ok(())
+    }
+}
+
+/// Wait between deliveries of feedback no node knows yet.
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(10);
+
+/// True while `message` is younger than [`NOT_FOUND_GRACE_SECS`].
+fn young(message: &Message) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    message
+        .info()
+        .is_ok_and(|i| now - i.published.unix_timestamp() < NOT_FOUND_GRACE_SECS)
 }
 
 async fn nak(message: &Message) {

@@ -16,7 +16,7 @@
 //! stream drops as a duplicate within its window: one decision per transaction, and state
 //! changed once.
 
-mod ingest;
+pub(crate) mod ingest;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,8 +68,8 @@ impl Default for NatsConfig {
 /// A connection to NATS with the streams in place.
 #[derive(Clone)]
 pub struct Nats {
-    config: NatsConfig,
-    jetstream: jetstream::Context,
+    pub(crate) config: NatsConfig,
+    pub(crate) jetstream: jetstream::Context,
 }
 
 impl std::fmt::Debug for Nats {
@@ -181,10 +181,11 @@ impl Nats {
         }
     }
 
-    /// Once `connected` holds a connection, consumes as [`Nats::consume`] does; ends when
-    /// the consumers have (after `stop`).
+    /// Once `connected` holds a connection, consumes as [`Nats::consume`] does, or runs as
+    /// a cluster node ([`crate::cluster::run`]); ends when the consumers have (after `stop`).
     pub async fn consume_when_connected(
         mut connected: watch::Receiver<Option<Nats>>,
+        cluster: Option<crate::cluster::ClusterConfig>,
         node: Arc<Node>,
         max_future_skew: Option<Duration>,
         shadow: bool,
@@ -199,6 +200,12 @@ impl Nats {
             },
         };
         let Some(nats) = nats else { return };
+        if let Some(cluster) = cluster {
+            let run =
+                crate::cluster::run(nats, cluster, node, max_future_skew, shadow, metrics, stop);
+            logged("cluster", run).await;
+            return;
+        }
         for task in nats.consume(node, max_future_skew, shadow, metrics, stop) {
             let _ = task.await;
         }
@@ -214,29 +221,29 @@ impl Nats {
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Vec<JoinHandle<()>> {
-        let ingest = || ingest::Ingest {
+        let ingest = |kind| ingest::Ingest {
             nats: self.clone(),
             node: Arc::clone(&node),
             max_future_skew,
             shadow,
             metrics: Arc::clone(&metrics),
+            source: ingest::Ingest::source(self, kind),
+            ledger: None,
         };
-        let (transactions, feedback) = (ingest(), ingest());
+        let transactions = ingest(ingest::Kind::Transactions);
+        let feedback = ingest(ingest::Kind::Feedback);
         vec![
-            tokio::spawn(logged(
-                "transactions",
-                transactions.run(ingest::Kind::Transactions, stop.clone()),
-            )),
-            tokio::spawn(logged(
-                "feedback",
-                feedback.run(ingest::Kind::Feedback, stop),
-            )),
+            tokio::spawn(logged("transactions", transactions.run(stop.clone()))),
+            tokio::spawn(logged("feedback", feedback.run(stop))),
         ]
     }
 }
 
 /// Runs a consumer loop and logs why it ended, if it failed.
-async fn logged(kind: &'static str, run: impl std::future::Future<Output = anyhow::Result<()>>) {
+pub(crate) async fn logged(
+    kind: &'static str,
+    run: impl std::future::Future<Output = anyhow::Result<()>>,
+) {
     if let Err(e) = run.await {
         tracing::error!(consumer = kind, error = %format!("{e:#}"), "the NATS consumer stopped");
     }

@@ -1,0 +1,329 @@
+//! The ledger: `<prefix>.ledger.<p>`, one subject per account partition, holding every
+//! fresh scoring (transaction and answer) and every label, in the order the partition's
+//! owner made them. It is what the cluster's state is derived from:
+//!
+//! - every node follows all of it and applies the other processes' entries to its merchant,
+//!   device and IP windows ([`follow`]);
+//! - a node taking a partition replays that partition's subject into its accounts and its
+//!   store of recent transactions ([`rebuild`]).
+//!
+//! Entries are `LedgerEntry` protobuf (proto/fraudgate/v1/cluster.proto), with
+//! `Nats-Msg-Id` = the transaction id (a scoring) or the feedback's stream position (a
+//! label), so a rewrite after a failure is dropped as a duplicate.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::sync::watch;
+
+use super::Shared;
+use crate::domain::{Decision, Feedback, Label, Reason, Scored, Transaction};
+use crate::grpc::parse::{self, ParseLimits};
+use crate::journal::recover::intern;
+use crate::proto::{self, ledger_entry};
+use crate::state::txstore::fraud_delta;
+use crate::state::TxFacts;
+
+/// Writes this process's ledger entries. Shared by the partition consumers and feedback.
+#[derive(Debug)]
+pub struct Ledger {
+    prefix: String,
+    origin: String,
+}
+
+impl Ledger {
+    pub fn new(prefix: &str, origin: String) -> Ledger {
+        Ledger {
+            prefix: prefix.to_owned(),
+            origin,
+        }
+    }
+
+    /// `<node>/<random id of this start>`.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// `<prefix>.ledger.<p>`.
+    pub fn subject(&self, p: usize) -> String {
+        format!("{}.ledger.{p}", self.prefix)
+    }
+
+    /// The entry for a fresh scoring of `transaction` in partition `p`.
+    pub fn scored(
+        &self,
+        p: usize,
+        id: &str,
+        transaction: proto::Transaction,
+        response: proto::ScoreResponse,
+    ) -> (String, PublishMessage) {
+        let entry = proto::LedgerEntry {
+            origin: self.origin.clone(),
+            entry: Some(ledger_entry::Entry::Scored(proto::LedgerScored {
+                transaction: Some(transaction),
+                response: Some(response),
+            })),
+        };
+        (self.subject(p), publish(&entry, id.to_owned()))
+    }
+
+    /// The entry for a label about to be applied to a transaction with `facts`, currently
+    /// labelled `previous`.
+    pub fn labelled(
+        &self,
+        fb: &Feedback,
+        facts: &TxFacts,
+        previous: Option<Label>,
+        msg_id: String,
+    ) -> (String, PublishMessage) {
+        let label = match fb.label {
+            Label::Fraud => proto::Label::Fraud,
+            Label::Legitimate => proto::Label::Legitimate,
+        };
+        let entry = proto::LedgerEntry {
+            origin: self.origin.clone(),
+            entry: Some(ledger_entry::Entry::Labelled(proto::LedgerLabelled {
+                transaction_id: fb.transaction_id.clone(),
+                label: label as i32,
+                fraud_delta: fraud_delta(previous, fb.label),
+                account: facts.account,
+                merchant: facts.merchant,
+                device: facts.device,
+                ip: facts.ip,
+                event_time: facts.event_time,
+            })),
+        };
+        let p = crate::state::partitioned::partition(facts.account);
+        (self.subject(p), publish(&entry, msg_id))
+    }
+}
+
+fn publish(entry: &proto::LedgerEntry, msg_id: String) -> PublishMessage {
+    PublishMessage::build()
+        .payload(entry.encode_to_vec().into())
+        .message_id(msg_id)
+}
+
+/// One decoded entry.
+enum Decoded {
+    Scored(Transaction, Box<proto::ScoreResponse>),
+    Labelled(proto::LedgerLabelled),
+}
+
+fn decode(payload: &[u8]) -> anyhow::Result<(String, Decoded)> {
+    let entry = proto::LedgerEntry::decode(payload).context("not a LedgerEntry")?;
+    let decoded = match entry.entry.context("an empty LedgerEntry")? {
+        ledger_entry::Entry::Scored(s) => {
+            let request = proto::ScoreRequest {
+                transaction: s.transaction,
+                explain: false,
+            };
+            let tx = parse::transaction(&request, &ParseLimits::default())
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            Decoded::Scored(
+                tx,
+                Box::new(s.response.context("a scoring without its answer")?),
+            )
+        }
+        ledger_entry::Entry::Labelled(l) => Decoded::Labelled(l),
+    };
+    Ok((entry.origin, decoded))
+}
+
+fn facts_of(l: &proto::LedgerLabelled) -> TxFacts {
+    TxFacts {
+        account: l.account,
+        merchant: l.merchant,
+        device: l.device,
+        ip: l.ip,
+        event_time: l.event_time,
+    }
+}
+
+/// The stored answer a ledger entry records.
+fn scored_of(r: &proto::ScoreResponse) -> anyhow::Result<Scored> {
+    let decision = match proto::Decision::try_from(r.decision) {
+        Ok(proto::Decision::Allow) => Decision::Allow,
+        Ok(proto::Decision::Review) => Decision::Review,
+        Ok(proto::Decision::Deny) => Decision::Deny,
+        _ => anyhow::bail!("decision {} in a ledger entry", r.decision),
+    };
+    Ok(Scored {
+        decision,
+        score: r.score,
+        anomaly_score: r.anomaly_score,
+        classifier_score: r.classifier_score,
+        reasons: r
+            .reasons
+            .iter()
+            .map(|x| Reason {
+                code: intern(&x.code),
+                feature: intern(&x.feature),
+                value: x.value,
+                contribution: x.contribution,
+                text: intern(&x.text),
+            })
+            .collect(),
+        model_version: Arc::from(r.model_version.as_str()),
+    })
+}
+
+/// Follows the whole ledger from its first entry, applying every other process's entries to
+/// the shared entities; `caught_up` turns true once it has applied what the ledger held
+/// when it started (the node takes no partition before: its merchant windows would be
+/// short). Reopens with backoff when NATS goes away; ends at `stop`.
+pub(crate) async fn follow(
+    shared: Arc<Shared>,
+    caught_up: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let stream_name = shared.nats.stream_name("ledger");
+    let started = Instant::now();
+    let mut applied = 0u64;
+    let mut next = 1u64;
+    let mut delay = Duration::from_millis(100);
+    while !*stop.borrow() {
+        let opened = async {
+            let mut stream = shared.nats.jetstream.get_stream(&stream_name).await?;
+            let last = stream.info().await?.state.last_sequence;
+            let consumer = stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: next,
+                    },
+                    ..Default::default()
+                })
+                .await?;
+            anyhow::Ok((last, consumer.messages().await?))
+        }
+        .await;
+        let (last, mut messages) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot follow the ledger; retrying");
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        delay = Duration::from_millis(100);
+        if last < next && !*caught_up.borrow() {
+            tracing::info!(applied, took = ?started.elapsed(), "ledger followed to its end");
+            let _ = caught_up.send(true);
+        }
+        loop {
+            let message = tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                m = messages.next() => m,
+            };
+            let message = match message {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "following the ledger; reopening");
+                    break;
+                }
+                None => break,
+            };
+            let seq = message.info().map_or(next, |i| i.stream_sequence);
+            next = seq + 1;
+            match decode(&message.payload) {
+                Ok((origin, _)) if origin == shared.ledger.origin() => {}
+                Ok((_, Decoded::Scored(tx, _))) => {
+                    shared.node.engine().apply_remote_scored(&tx);
+                    applied += 1;
+                }
+                Ok((_, Decoded::Labelled(l))) => {
+                    shared
+                        .node
+                        .engine()
+                        .apply_remote_label(&facts_of(&l), l.fraud_delta);
+                    applied += 1;
+                }
+                Err(e) => tracing::warn!(seq, error = %format!("{e:#}"), "a ledger entry skipped"),
+            }
+            shared.metrics.stream_message("ledger", "followed");
+            if seq >= last && !*caught_up.borrow() {
+                tracing::info!(applied, took = ?started.elapsed(), "ledger followed to its end");
+                let _ = caught_up.send(true);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What rebuilding a partition did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Rebuilt {
+    pub scorings: u64,
+    pub labels: u64,
+    pub took: Duration,
+}
+
+/// Replays partition `p`'s ledger, as it stands now, into the accounts and the store of
+/// recent transactions (its shared entities already hold it: they follow the ledger).
+pub(crate) async fn rebuild(shared: &Shared, p: usize) -> anyhow::Result<Rebuilt> {
+    let started = Instant::now();
+    let mut report = Rebuilt::default();
+    let subject = shared.ledger.subject(p);
+    let stream = shared
+        .nats
+        .jetstream
+        .get_stream(shared.nats.stream_name("ledger"))
+        .await
+        .context("opening the ledger")?;
+    let last = match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => m.sequence,
+        Err(e)
+            if e.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
+            return Ok(report)
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading the end of {subject}")),
+    };
+    let mut messages = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject.clone(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("replaying {subject}"))?
+        .messages()
+        .await
+        .with_context(|| format!("replaying {subject}"))?;
+    let engine = shared.node.engine();
+    while let Some(message) = messages.next().await {
+        let message = message.with_context(|| format!("replaying {subject}"))?;
+        let seq = message.info().map_or(0, |i| i.stream_sequence);
+        match decode(&message.payload) {
+            Ok((_, Decoded::Scored(tx, response))) => {
+                engine.rebuild_scored(&tx, Arc::new(scored_of(&response)?));
+                report.scorings += 1;
+            }
+            Ok((_, Decoded::Labelled(l))) => {
+                if let Ok(label) = proto::Label::try_from(l.label) {
+                    let label = match label {
+                        proto::Label::Fraud => Label::Fraud,
+                        _ => Label::Legitimate,
+                    };
+                    engine.rebuild_label(crate::ids::tx_key(&l.transaction_id), label);
+                    report.labels += 1;
+                }
+            }
+            Err(e) => tracing::warn!(seq, error = %format!("{e:#}"), "a ledger entry skipped"),
+        }
+        if seq >= last {
+            break;
+        }
+    }
+    report.took = started.elapsed();
+    Ok(report)
+}

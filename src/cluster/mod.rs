@@ -1,0 +1,193 @@
+//! Cluster mode (`--cluster-node NAME` with `--nats`): several fraudgates share the accounts,
+//! and every piece of shared state lives in NATS JetStream. docs/SCALING.md is the design;
+//! this is what runs.
+//!
+//! - Accounts fall in 64 partitions (the state's own, [`partition`]). The **router** (one
+//!   node at a time) republishes each input from `<prefix>.transactions` to
+//!   `<prefix>.part.<p>`, in order.
+//! - Each partition has one **owner**, which scores `<prefix>.part.<p>` exactly as the
+//!   single-node door does and writes every fresh scoring and label to the **ledger**
+//!   (`<prefix>.ledger.<p>`) before acknowledging its input.
+//! - Every node **follows** the whole ledger and applies the other nodes' entries to its
+//!   merchant, device and IP windows ([`ledger::follow`]); a node that takes a partition
+//!   rebuilds its accounts from that partition's ledger ([`ledger::rebuild`]).
+//! - Who owns what: two JetStream key-value buckets ([`ownership`]): live members (entries
+//!   expire 5 s after a node's last heartbeat) and owners (changed only by compare-and-set).
+//!
+//! A node's state is derived from JetStream alone, so cluster nodes run `--ephemeral`.
+
+pub mod ledger;
+mod ownership;
+pub mod router;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{kv, stream};
+use tokio::sync::watch;
+
+pub use ledger::Ledger;
+
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::stream::Nats;
+
+/// How long the ledger is kept: the longest window (30 days) and a day of lateness, so any
+/// partition's accounts can be rebuilt from it.
+pub const LEDGER_RETENTION: Duration = Duration::from_secs(31 * 86_400);
+
+/// A member whose heartbeat is older than this is gone.
+pub const MEMBER_TTL: Duration = Duration::from_secs(5);
+
+/// Settings of a cluster node.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster and stable across its restarts.
+    pub node: String,
+}
+
+impl ClusterConfig {
+    /// Node names are KV keys and consumer names: letters, digits, `-` and `_`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.node.is_empty()
+                && self.node.len() <= 64
+                && self
+                    .node
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "--cluster-node: {:?} is not a node name (1-64 letters, digits, '-' or '_')",
+            self.node
+        );
+        Ok(())
+    }
+}
+
+/// What a cluster node runs with, shared by its tasks.
+pub(crate) struct Shared {
+    pub nats: Nats,
+    pub node: Arc<Node>,
+    pub metrics: Arc<Metrics>,
+    pub max_future_skew: Option<Duration>,
+    pub shadow: bool,
+    pub name: String,
+    pub ledger: Arc<Ledger>,
+    pub members: kv::Store,
+    pub owners: kv::Store,
+}
+
+/// Creates the cluster's streams and buckets if missing, then runs the node's part of the
+/// cluster until `stop`: heartbeat, ledger follower, ownership (router and partitions) and
+/// feedback. On `stop` the node finishes its batches and releases what it owns, so the
+/// others take it over at once.
+pub async fn run(
+    nats: Nats,
+    config: ClusterConfig,
+    node: Arc<Node>,
+    max_future_skew: Option<Duration>,
+    shadow: bool,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let js = &nats.jetstream;
+    for (kind, subjects, max_age, duplicate_window) in [
+        (
+            "partitioned",
+            format!("{}.part.*", nats.config.prefix),
+            Duration::ZERO,
+            Duration::from_secs(120),
+        ),
+        (
+            "ledger",
+            format!("{}.ledger.*", nats.config.prefix),
+            LEDGER_RETENTION,
+            nats.config.duplicate_window,
+        ),
+    ] {
+        js.get_or_create_stream(stream::Config {
+            name: nats.stream_name(kind),
+            subjects: vec![subjects],
+            max_age,
+            duplicate_window,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating the stream {}", nats.stream_name(kind)))?;
+    }
+    let members = bucket(&nats, "members", MEMBER_TTL).await?;
+    let owners = bucket(&nats, "owners", Duration::ZERO).await?;
+    let origin = format!("{}/{:016x}", config.node, rand::random::<u64>());
+    let ledger = Arc::new(Ledger::new(&nats.config.prefix, origin));
+    let shared = Arc::new(Shared {
+        nats,
+        node,
+        metrics,
+        max_future_skew,
+        shadow,
+        name: config.node,
+        ledger,
+        members,
+        owners,
+    });
+    tracing::info!(node = %shared.name, origin = %shared.ledger.origin(), "joining the cluster");
+
+    let (caught_up_tx, caught_up) = watch::channel(false);
+    let follower = tokio::spawn(crate::stream::logged(
+        "ledger",
+        ledger::follow(Arc::clone(&shared), caught_up_tx, stop.clone()),
+    ));
+    let heartbeat = tokio::spawn(ownership::heartbeat(Arc::clone(&shared), stop.clone()));
+    let feedback = {
+        let nats = &shared.nats;
+        let ingest = crate::stream::ingest::Ingest {
+            nats: nats.clone(),
+            node: Arc::clone(&shared.node),
+            max_future_skew,
+            shadow,
+            metrics: Arc::clone(&shared.metrics),
+            source: crate::stream::ingest::Source {
+                kind: crate::stream::ingest::Kind::Feedback,
+                stream: nats.stream_name("feedback"),
+                durable: format!("{}-feedback-{}", nats.config.consumer, shared.name),
+                filter: String::new(),
+                only_new: true,
+                start_at: None,
+            },
+            ledger: Some(Arc::clone(&shared.ledger)),
+        };
+        tokio::spawn(crate::stream::logged("feedback", ingest.run(stop.clone())))
+    };
+    ownership::run(Arc::clone(&shared), caught_up, stop).await;
+    for task in [follower, heartbeat, feedback] {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Opens the key-value bucket `<PREFIX>_<KIND>`, creating it if missing. Its stream is
+/// created here with the settings the client's `create_key_value` would use, because that
+/// call first asks for the account's limits, whose answer async-nats 0.51 cannot parse from
+/// a nats-server 2.9 (Debian 12's).
+async fn bucket(nats: &Nats, kind: &str, max_age: Duration) -> anyhow::Result<kv::Store> {
+    let name = nats.stream_name(kind);
+    nats.jetstream
+        .get_or_create_stream(stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating the bucket {name}"))?;
+    nats.jetstream
+        .get_key_value(&name)
+        .await
+        .with_context(|| format!("opening the bucket {name}"))
+}

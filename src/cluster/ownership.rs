@@ -1,0 +1,345 @@
+//! Who runs what: membership and ownership in two JetStream key-value buckets, no protocol
+//! of our own.
+//!
+//! - `<PREFIX>_MEMBERS`: `<node>` = its ledger origin, written every second; the bucket's
+//!   `max_age` removes a node whose heartbeat stopped ([`super::MEMBER_TTL`]).
+//! - `<PREFIX>_OWNERS`: `router` and `part.<p>` = the owning node's name, or empty when
+//!   released; changed only by compare-and-set on the entry's revision, so two nodes racing
+//!   for a role cannot both win.
+//!
+//! Every node computes each role's target by rendezvous hashing over the live members (the
+//! same answer everywhere, and only ~1/N of the roles move when a member comes or goes). A
+//! node releases a role whose target is another node (finishing the batch in hand first);
+//! the target takes a role only when it is free or its owner is no longer a member.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::Shared;
+use crate::state::partitioned::PARTITIONS;
+use crate::stream::ingest::{Ingest, Kind, Source};
+
+/// How often a node looks at the buckets.
+const TICK: Duration = Duration::from_millis(500);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A role a node can own: routing, or scoring one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Role {
+    Router,
+    Partition(usize),
+}
+
+impl Role {
+    fn all() -> impl Iterator<Item = Role> {
+        std::iter::once(Role::Router).chain((0..PARTITIONS).map(Role::Partition))
+    }
+
+    fn key(self) -> String {
+        match self {
+            Role::Router => "router".into(),
+            Role::Partition(p) => format!("part.{p}"),
+        }
+    }
+}
+
+/// The member a role belongs on: the highest hash of (role, member).
+fn target(role: Role, members: &[String]) -> Option<&str> {
+    members
+        .iter()
+        .max_by_key(|m| xxhash_rust::xxh3::xxh3_64(format!("{}/{m}", role.key()).as_bytes()))
+        .map(String::as_str)
+}
+
+/// Writes this node's membership every second until `stop`, then deletes it.
+pub(super) async fn heartbeat(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let origin = bytes::Bytes::from(shared.ledger.origin().to_owned());
+    loop {
+        if let Err(e) = shared.members.put(&shared.name, origin.clone()).await {
+            warn!(error = %e, "cluster heartbeat");
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = tokio::time::sleep(HEARTBEAT) => {}
+        }
+    }
+    if let Err(e) = shared.members.delete(&shared.name).await {
+        warn!(error = %e, "leaving the members bucket");
+    }
+}
+
+/// A role this node is running.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Takes, runs and releases roles until `stop`; waits for the ledger follower to catch up
+/// first. At `stop`, releases everything it owns.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    mut caught_up: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = stop.changed() => return,
+        r = caught_up.wait_for(|c| *c) => if r.is_err() { return },
+    }
+    let mut running: HashMap<Role, Running> = HashMap::new();
+    loop {
+        if let Err(e) = tick(&shared, &mut running).await {
+            warn!(error = %format!("{e:#}"), "cluster ownership");
+        }
+        shared.metrics.set_owned_partitions(
+            running
+                .keys()
+                .filter(|r| matches!(r, Role::Partition(_)))
+                .count(),
+        );
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = tokio::time::sleep(TICK) => {}
+        }
+    }
+    for (role, r) in running.drain() {
+        finish(r).await;
+        release(&shared, role).await;
+    }
+    shared.metrics.set_owned_partitions(0);
+}
+
+async fn tick(shared: &Arc<Shared>, running: &mut HashMap<Role, Running>) -> anyhow::Result<()> {
+    let mut members: Vec<String> = shared.members.keys().await?.try_collect().await?;
+    members.sort();
+    if !members.contains(&shared.name) {
+        // Not (or no longer) a member: whatever it runs may be taken by others.
+        for (role, r) in running.drain() {
+            warn!(role = %role.key(), "not a live member: stopping");
+            finish(r).await;
+        }
+        return Ok(());
+    }
+    for role in Role::all() {
+        let key = role.key();
+        let entry = shared.owners.entry(&key).await?;
+        let (owner, revision) = match &entry {
+            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => (
+                String::from_utf8_lossy(&e.value).into_owned(),
+                Some(e.revision),
+            ),
+            Some(e) => (String::new(), Some(e.revision)),
+            None => (String::new(), None),
+        };
+        let mine = owner == shared.name;
+        let wanted = target(role, &members) == Some(shared.name.as_str());
+        match (mine, wanted) {
+            (true, true) => {
+                running.entry(role).or_insert_with(|| start(shared, role));
+            }
+            (true, false) => {
+                if let Some(r) = running.remove(&role) {
+                    finish(r).await;
+                }
+                forget(shared, role);
+                if let Some(rev) = revision {
+                    match shared.owners.update(&key, bytes::Bytes::new(), rev).await {
+                        Ok(_) => info!(role = %key, "released"),
+                        Err(e) => warn!(role = %key, error = %e, "releasing"),
+                    }
+                }
+            }
+            (false, true) => {
+                if let Some(r) = running.remove(&role) {
+                    finish(r).await;
+                }
+                // The member list was read at the start of the tick: an owner missing from
+                // it may have joined since. Only a free role or a gone owner's is taken.
+                let gone = owner.is_empty()
+                    || (!members.contains(&owner) && shared.members.get(&owner).await?.is_none());
+                if gone {
+                    let me = bytes::Bytes::from(shared.name.clone());
+                    let taken = match revision {
+                        Some(rev) => shared.owners.update(&key, me, rev).await.is_ok(),
+                        None => shared.owners.create(&key, me).await.is_ok(),
+                    };
+                    if taken {
+                        info!(role = %key, from = %owner, "taken");
+                        running.insert(role, start(shared, role));
+                    }
+                }
+            }
+            (false, false) => {
+                if let Some(r) = running.remove(&role) {
+                    warn!(role = %key, %owner, "owned by another node: stopping");
+                    finish(r).await;
+                    forget(shared, role);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts running `role`: a partition is rebuilt from the ledger first.
+fn start(shared: &Arc<Shared>, role: Role) -> Running {
+    let (stop_tx, mut stop) = watch::channel(false);
+    let shared = Arc::clone(shared);
+    let task = tokio::spawn(async move {
+        let nats = &shared.nats;
+        let mut source = match role {
+            Role::Router => Source {
+                kind: Kind::Route,
+                stream: nats.stream_name("transactions"),
+                durable: format!("{}-router", nats.config.consumer),
+                filter: String::new(),
+                only_new: false,
+                start_at: None,
+            },
+            Role::Partition(p) => {
+                forget(&shared, role);
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    match super::ledger::rebuild(&shared, p).await {
+                        Ok(r) => {
+                            info!(partition = p, scorings = r.scorings, labels = r.labels, took = ?r.took, "partition rebuilt from the ledger");
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(partition = p, error = %format!("{e:#}"), retry_in = ?delay, "rebuilding; retrying");
+                            forget(&shared, role);
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                    if *stop.borrow() {
+                        return;
+                    }
+                }
+                Source {
+                    kind: Kind::Transactions,
+                    stream: nats.stream_name("partitioned"),
+                    durable: format!("{}-part-{p}", nats.config.consumer),
+                    filter: format!("{}.part.{p}", nats.config.prefix),
+                    only_new: false,
+                    start_at: None,
+                }
+            }
+        };
+        loop {
+            match resume_at_ack_floor(&shared, &source).await {
+                Ok(start_at) => {
+                    source.start_at = start_at;
+                    break;
+                }
+                Err(e) => {
+                    warn!(role = %role.key(), error = %format!("{e:#}"), "resetting the consumer; retrying");
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        let ingest = Ingest {
+            nats: nats.clone(),
+            node: Arc::clone(&shared.node),
+            max_future_skew: shared.max_future_skew,
+            shadow: shared.shadow,
+            metrics: Arc::clone(&shared.metrics),
+            source,
+            ledger: Some(Arc::clone(&shared.ledger)),
+        };
+        crate::stream::logged("partition", ingest.run(stop)).await;
+    });
+    Running {
+        stop: stop_tx,
+        task,
+    }
+}
+
+/// The previous owner's consumer would deliver the messages it left unacknowledged only
+/// after their ack wait, behind newer ones: an account's transactions out of order. So the
+/// consumer is replaced by one starting right after its acknowledgement floor; what the
+/// previous owner had finished past the floor comes again and gets its stored answer.
+async fn resume_at_ack_floor(shared: &Shared, source: &Source) -> anyhow::Result<Option<u64>> {
+    use anyhow::Context as _;
+    let stream = shared
+        .nats
+        .jetstream
+        .get_stream(&source.stream)
+        .await
+        .with_context(|| format!("opening {}", source.stream))?;
+    let floor = match stream.consumer_info(&source.durable).await {
+        Ok(info) => info.ack_floor.stream_sequence,
+        Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e).context("reading the consumer's acknowledgement floor"),
+    };
+    stream
+        .delete_consumer(&source.durable)
+        .await
+        .context("replacing the consumer")?;
+    Ok(Some(floor + 1))
+}
+
+/// Stops a role after the batch in hand.
+async fn finish(r: Running) {
+    let _ = r.stop.send(true);
+    let _ = r.task.await;
+}
+
+/// Drops the accounts of a partition this node no longer runs: the next owner's copy is the
+/// one that counts, and a later return rebuilds from the ledger.
+fn forget(shared: &Shared, role: Role) {
+    if let Role::Partition(p) = role {
+        shared.node.engine().forget_account_partition(p);
+    }
+}
+
+async fn release(shared: &Shared, role: Role) {
+    let key = role.key();
+    match shared.owners.entry(&key).await {
+        Ok(Some(e)) if e.value.as_ref() == shared.name.as_bytes() => {
+            match shared
+                .owners
+                .update(&key, bytes::Bytes::new(), e.revision)
+                .await
+            {
+                Ok(_) => info!(role = %key, "released"),
+                Err(e) => warn!(role = %key, error = %e, "releasing"),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(role = %key, error = %e, "releasing"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_moves_only_the_roles_of_a_member_that_leaves() {
+        let three: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let two: Vec<String> = ["a", "c"].map(String::from).to_vec();
+        let mut on_b = 0;
+        for role in Role::all() {
+            let before = target(role, &three).unwrap();
+            let after = target(role, &two).unwrap();
+            if before == "b" {
+                on_b += 1;
+            } else {
+                assert_eq!(before, after, "{role:?} moved though its owner stayed");
+            }
+        }
+        // Roughly a third each.
+        assert!((10..=35).contains(&on_b), "{on_b} of 65 roles on b");
+    }
+}

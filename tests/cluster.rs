@@ -1,0 +1,307 @@
+//! Cluster mode against a real nats-server: three fraudgate processes on loopback share the
+//! accounts. Each transaction's account features equal those of a single node fed the same
+//! stream, exactly; merchant features lag by at most the deltas in flight and equal the single
+//! node's once the ledger has propagated; after a node is killed, the others take its
+//! partitions, rebuild its accounts from the ledger, and score them as the single node does.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::nats::{read_stream, NatsServer};
+use common::process::ServerProcess;
+use common::{explain, feature, tx, TestServer};
+use fraudgate::proto;
+use prost::Message;
+
+const ACCOUNTS: usize = 40;
+const MERCHANTS: usize = 7;
+
+/// Payments `from..to` (a payment a second), of `ACCOUNTS` accounts at `MERCHANTS` merchants.
+fn payments(from: usize, to: usize) -> Vec<proto::ScoreRequest> {
+    (from..to)
+        .map(|i| {
+            explain(tx(
+                &format!("t-{i}"),
+                &format!("acct-{}", i % ACCOUNTS),
+                &format!("m-{}", i % MERCHANTS),
+                1_000 + (i as i64 * 37) % 50_000,
+                i as i64,
+            ))
+        })
+        .collect()
+}
+
+/// One payment per merchant by fresh accounts at second `at`: their merchant features are
+/// what each node holds for the merchant.
+fn merchant_probes(round: &str, at: i64) -> Vec<proto::ScoreRequest> {
+    (0..MERCHANTS)
+        .map(|m| {
+            explain(tx(
+                &format!("probe-{round}-{m}"),
+                &format!("probe-acct-{round}-{m}"),
+                &format!("m-{m}"),
+                2_000,
+                at,
+            ))
+        })
+        .collect()
+}
+
+/// One payment per account at second `at`: its account features are the account's state.
+fn account_probes(round: &str, at: i64) -> Vec<proto::ScoreRequest> {
+    (0..ACCOUNTS)
+        .map(|a| {
+            explain(tx(
+                &format!("probe-{round}-a{a}"),
+                &format!("acct-{a}"),
+                &format!("m-probe-{round}-{a}"),
+                2_000,
+                at,
+            ))
+        })
+        .collect()
+}
+
+/// A single in-process server: what one node answers to the same requests, in order.
+struct Reference {
+    _server: TestServer,
+    client: proto::fraud_scorer_client::FraudScorerClient<tonic::transport::Channel>,
+}
+
+impl Reference {
+    async fn start() -> Reference {
+        let server = TestServer::start().await;
+        let client = server.client().await;
+        Reference {
+            _server: server,
+            client,
+        }
+    }
+
+    async fn score(
+        &mut self,
+        requests: &[proto::ScoreRequest],
+    ) -> BTreeMap<String, proto::ScoreResponse> {
+        let mut answers = self
+            .client
+            .score_stream(tokio_stream::iter(requests.to_vec()))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = BTreeMap::new();
+        while let Some(a) = answers.message().await.unwrap() {
+            out.insert(a.transaction_id.clone(), a);
+        }
+        out
+    }
+}
+
+async fn publish(js: &async_nats::jetstream::Context, requests: &[proto::ScoreRequest]) {
+    let mut acks = Vec::new();
+    for r in requests {
+        acks.push(
+            js.publish("fraudgate.transactions", r.encode_to_vec().into())
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+}
+
+/// Every decision published so far, by transaction id, once there are at least `n`; panics
+/// on a transaction decided twice.
+async fn decisions(
+    js: &async_nats::jetstream::Context,
+    n: usize,
+) -> BTreeMap<String, proto::ScoreResponse> {
+    let messages = read_stream(
+        js,
+        "FRAUDGATE_DECISIONS",
+        n as u64,
+        Duration::from_secs(120),
+    )
+    .await;
+    let mut out = BTreeMap::new();
+    for m in messages {
+        let d = proto::ScoreResponse::decode(m.payload.clone()).unwrap();
+        assert!(d.error.is_none(), "{d:?}");
+        let id = d.transaction_id.clone();
+        assert!(out.insert(id.clone(), d).is_none(), "{id} decided twice");
+    }
+    out
+}
+
+fn features(d: &proto::ScoreResponse, prefix: &str) -> Vec<(String, f64)> {
+    d.features
+        .iter()
+        .filter(|f| f.name.starts_with(prefix))
+        .map(|f| (f.name.clone(), f.value))
+        .collect()
+}
+
+/// Merchant, device and IP features: counts exact, amount sums (f32 windows, summed in
+/// another order on each node) to a relative 1e-5.
+fn assert_same_features(got: &proto::ScoreResponse, want: &proto::ScoreResponse) {
+    let (g, w) = (features(got, ""), features(want, ""));
+    assert_eq!(g.len(), w.len());
+    for ((name, a), (_, b)) in g.iter().zip(&w) {
+        let shared = ["merch_", "device_", "ip_"]
+            .iter()
+            .any(|p| name.starts_with(p));
+        if shared {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{}: {name} {a} vs {b}",
+                want.transaction_id
+            );
+        } else {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{}: {name} {a} vs {b}",
+                want.transaction_id
+            );
+        }
+    }
+}
+
+/// The nodes owning the router and the 64 partitions, once every role is owned by one of
+/// `nodes` and each of them owns a partition.
+async fn settled(js: &async_nats::jetstream::Context, nodes: &[&str]) -> BTreeMap<String, String> {
+    let owners = loop {
+        if let Ok(kv) = js.get_key_value("FRAUDGATE_OWNERS").await {
+            break kv;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut map = BTreeMap::new();
+        for key in std::iter::once("router".to_owned()).chain((0..64).map(|p| format!("part.{p}")))
+        {
+            if let Ok(Some(v)) = owners.get(&key).await {
+                map.insert(key, String::from_utf8(v.to_vec()).unwrap());
+            }
+        }
+        let owning: BTreeSet<&str> = map.values().map(String::as_str).collect();
+        if map.len() == 65 && owning == nodes.iter().copied().collect() {
+            return map;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cluster never settled on {nodes:?}: {map:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn node(nats: &NatsServer, name: &str) -> ServerProcess {
+    ServerProcess::start_env(
+        &[
+            "--nats",
+            &nats.url(),
+            "--ephemeral",
+            "--cluster-node",
+            name,
+            "--nats-ack-wait",
+            "2s",
+        ],
+        &[("RUST_LOG", "warn")],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_score_as_one_and_survive_a_kill() {
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    let mut nodes = vec![
+        node(&nats, "n1").await,
+        node(&nats, "n2").await,
+        node(&nats, "n3").await,
+    ];
+    let owners = settled(&js, &["n1", "n2", "n3"]).await;
+    let mut reference = Reference::start().await;
+
+    // 1. A stream through the cluster: account features exact. Merchant counts differ from
+    // the single node's only by the other nodes' transactions in flight around this one
+    // (missed if not yet applied, included if scored ahead of it): reported, not asserted.
+    let first = payments(0, 1_200);
+    publish(&js, &first).await;
+    let want = reference.score(&first).await;
+    let got = decisions(&js, first.len()).await;
+    assert_eq!(got.len(), first.len());
+    let (mut differing, mut largest) = (0, 0.0f64);
+    for (id, w) in &want {
+        let g = &got[id];
+        assert_eq!(features(g, "acct_"), features(w, "acct_"), "{id}");
+        for (name, value) in features(w, "merch_count_") {
+            let diff = (feature(g, &name) - value).abs();
+            differing += usize::from(diff > 0.0);
+            largest = largest.max(diff);
+        }
+    }
+    eprintln!(
+        "merchant counts off the single node's while in flight: {differing} of {}, by at most {largest}",
+        want.len() * 3
+    );
+
+    // 2. Once the ledger has propagated, every node's merchants equal the single node's.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let probes = merchant_probes("a", 1_300);
+    publish(&js, &probes).await;
+    let want = reference.score(&probes).await;
+    let got = decisions(&js, first.len() + probes.len()).await;
+    for (id, w) in &want {
+        assert_same_features(&got[id], w);
+    }
+
+    // 3. Kill the node owning the most partitions in the middle of a stream: the others
+    // take its partitions, rebuild its accounts from the ledger, and nothing is decided
+    // twice or lost.
+    let victim = ["n1", "n2", "n3"]
+        .into_iter()
+        .max_by_key(|n| owners.values().filter(|o| o == n).count())
+        .unwrap();
+    let index = ["n1", "n2", "n3"]
+        .iter()
+        .position(|n| *n == victim)
+        .unwrap();
+    let second = payments(1_400, 3_400);
+    publish(&js, &second).await;
+    let before = first.len() + probes.len();
+    let mut decided = js.get_stream("FRAUDGATE_DECISIONS").await.unwrap();
+    while decided.info().await.unwrap().state.messages < before as u64 + 100 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    nodes[index].signal("-KILL");
+    nodes.remove(index);
+    let survivors: Vec<&str> = ["n1", "n2", "n3"]
+        .into_iter()
+        .filter(|n| *n != victim)
+        .collect();
+    settled(&js, &survivors).await;
+    let want = reference.score(&second).await;
+    let got = decisions(&js, before + second.len()).await;
+    assert_eq!(got.len(), before + second.len());
+    for (id, w) in &want {
+        let g = &got[id];
+        if !g.replayed {
+            assert_eq!(features(g, "acct_"), features(w, "acct_"), "{id}");
+        }
+    }
+
+    // Every account, wherever it lives now, holds exactly the single node's state.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let probes = account_probes("b", 3_500);
+    publish(&js, &probes).await;
+    let want = reference.score(&probes).await;
+    let got = decisions(&js, before + second.len() + probes.len()).await;
+    for (id, w) in &want {
+        assert_same_features(&got[id], w);
+    }
+}
