@@ -225,6 +225,10 @@ struct ServeArgs {
     /// (docs/SCALING.md). The name must be unique and stable across the node's restarts.
     #[arg(long, requires_all = ["nats", "ephemeral"])]
     cluster_node: Option<String>,
+    /// Cluster mode: how long a gRPC call waits for its account's owner to answer (it goes
+    /// through the log, so any node takes any call).
+    #[arg(long, value_parser = duration, default_value = "5s")]
+    cluster_reply_timeout: Duration,
     /// Decisions that become alerts (on the NATS alerts subject and the webhook).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "review,deny")]
     alert_on: Vec<AlertOn>,
@@ -458,6 +462,7 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
                 c.validate().map(|()| c)
             })
             .transpose()?,
+        cluster_reply_timeout: args.cluster_reply_timeout,
         alerts: fraudgate::alerts::AlertConfig {
             on_review: args.alert_on.contains(&AlertOn::Review),
             on_deny: args.alert_on.contains(&AlertOn::Deny),

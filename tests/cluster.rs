@@ -209,6 +209,8 @@ async fn node(nats: &NatsServer, name: &str) -> ServerProcess {
             name,
             "--nats-ack-wait",
             "2s",
+            "--cluster-reply-timeout",
+            "2s",
         ],
         &[("RUST_LOG", "warn")],
     )
@@ -304,4 +306,117 @@ async fn three_nodes_score_as_one_and_survive_a_kill() {
     for (id, w) in &want {
         assert_same_features(&got[id], w);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_on_any_node_reach_the_owner() {
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    let nodes = [node(&nats, "g1").await, node(&nats, "g2").await];
+    settled(&js, &["g1", "g2"]).await;
+    let mut clients = [nodes[0].client().await, nodes[1].client().await];
+    let mut reference = Reference::start().await;
+
+    // Payments in order, each through one node or the other: the account features are the
+    // single node's, wherever the account lives.
+    let requests = payments(0, 200);
+    let want = reference.score(&requests).await;
+    for (i, r) in requests.iter().enumerate() {
+        let got = clients[i % 2].score(r.clone()).await.unwrap().into_inner();
+        let id = &got.transaction_id;
+        assert!(!got.replayed, "{id}");
+        assert_eq!(
+            features(&got, "acct_"),
+            features(&want[id], "acct_"),
+            "{id}"
+        );
+    }
+
+    // A retry through the other node gets the stored answer; a conflicting payload under a
+    // known id and a bad field get the single node's errors.
+    let first = clients[0]
+        .score(requests[7].clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = clients[1]
+        .score(requests[7].clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.replayed && again.replayed);
+    assert_eq!(first.score, again.score);
+    let mut conflict = requests[7].clone();
+    conflict.transaction.as_mut().unwrap().amount_minor += 1;
+    let e = clients[1].score(conflict).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    let mut bad = requests[8].clone();
+    bad.transaction.as_mut().unwrap().account_id.clear();
+    let e = clients[0].score(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("account_id"), "{e:?}");
+
+    // ScoreStream through a node: answered in order.
+    let more = payments(200, 240);
+    let mut answers = clients[1]
+        .score_stream(tokio_stream::iter(more.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(a) = answers.message().await.unwrap() {
+        assert!(a.error.is_none(), "{a:?}");
+        ids.push(a.transaction_id);
+    }
+    let sent: Vec<String> = more
+        .iter()
+        .map(|r| r.transaction.as_ref().unwrap().transaction_id.clone())
+        .collect();
+    assert_eq!(ids, sent);
+
+    // Feedback through either node reaches the transaction's owner, and the merchant's fraud
+    // count reaches every node through the ledger.
+    let fb = clients[1]
+        .report_feedback(common::fraud("t-3"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(fb.applied);
+    assert_eq!(fb.previous_label, proto::Label::Unspecified as i32);
+    let fb = clients[0]
+        .report_feedback(common::fraud("t-3"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!fb.applied);
+    assert_eq!(fb.previous_label, proto::Label::Fraud as i32);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, probe) in (0..8)
+        .map(|k| {
+            explain(tx(
+                &format!("fp-{k}"),
+                &format!("fp-acct-{k}"),
+                "m-3",
+                500,
+                300,
+            ))
+        })
+        .enumerate()
+    {
+        let got = clients[i % 2].score(probe).await.unwrap().into_inner();
+        assert_eq!(
+            feature(&got, "merch_frauds_30d"),
+            1.0,
+            "{}",
+            got.transaction_id
+        );
+    }
+
+    // Feedback nobody holds is kept on the stream, and the caller is told so.
+    let e = clients[0]
+        .report_feedback(common::fraud("never-scored"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("stored"), "{e:?}");
 }

@@ -16,6 +16,7 @@
 //!
 //! A node's state is derived from JetStream alone, so cluster nodes run `--ephemeral`.
 
+pub mod gateway;
 pub mod ledger;
 mod ownership;
 pub mod router;

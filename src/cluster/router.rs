@@ -12,6 +12,7 @@ use crate::grpc::parse::{self, ParseLimits};
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::state::partitioned::partition;
+use crate::stream::ingest::REPLY_HEADER;
 use crate::stream::Nats;
 
 /// The partition of an input: its account's. An input that does not decode or parse goes
@@ -39,8 +40,10 @@ pub async fn route(nats: &Nats, metrics: &Arc<Metrics>, messages: Vec<Message>) 
         let mut publish = PublishMessage::build()
             .payload(message.payload.clone())
             .message_id(info);
-        if let Some(kind) = message.headers.as_ref().and_then(|h| h.get("Content-Type")) {
-            publish = publish.header("Content-Type", kind.as_str());
+        for name in ["Content-Type", REPLY_HEADER] {
+            if let Some(value) = message.headers.as_ref().and_then(|h| h.get(name)) {
+                publish = publish.header(name, value.as_str());
+            }
         }
         let subject = format!("{}.part.{p}", nats.config.prefix);
         match nats.jetstream.send_publish(subject, publish).await {

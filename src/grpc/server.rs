@@ -100,6 +100,8 @@ pub struct ServeConfig {
     pub nats: Option<NatsConfig>,
     /// Cluster mode (with `nats`): this node's name.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Cluster mode: how long a gRPC call waits for its account's owner to answer.
+    pub cluster_reply_timeout: Duration,
     /// Which decisions become alerts, and the webhook they are POSTed to.
     pub alerts: AlertConfig,
 }
@@ -130,6 +132,7 @@ impl Default for ServeConfig {
             promotion_margin: 0.005,
             nats: None,
             cluster: None,
+            cluster_reply_timeout: Duration::from_secs(5),
             alerts: AlertConfig::default(),
         }
     }
@@ -241,12 +244,26 @@ pub async fn run(
         .context("building reflection v1alpha")?;
 
     let node_cell: Arc<OnceLock<Arc<Node>>> = Arc::new(OnceLock::new());
+    // Cluster mode: the gRPC door goes through the log once NATS is connected.
+    let gateway_cell = config.cluster.as_ref().map(|_| Arc::new(OnceLock::new()));
+    if let (Some(cell), Some((connected, _))) = (&gateway_cell, &nats) {
+        let (cell, mut connected) = (Arc::clone(cell), connected.clone());
+        let timeout = config.cluster_reply_timeout;
+        tokio::spawn(async move {
+            if let Ok(nats) = connected.wait_for(Option::is_some).await {
+                if let Some(nats) = nats.clone() {
+                    let _ = cell.set(crate::cluster::gateway::Gateway::new(nats, timeout));
+                }
+            }
+        });
+    }
     let scorer = FraudScorerServer::new(ScorerService::new(
         Arc::clone(&node_cell),
         config.max_future_skew,
         Arc::clone(&metrics),
         config.shadow,
         RequestLog::new(config.redact),
+        gateway_cell.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     // Without tokens every call is admitted; the interceptor is there either way so the

@@ -11,6 +11,7 @@ use tracing::{Instrument, Span};
 
 use super::parse::{self, FieldError, ParseLimits};
 use super::request_log::RequestLog;
+use crate::cluster::gateway::Gateway;
 use crate::domain::{Decision, Label, ScoreOutcome};
 use crate::engine::Traced;
 use crate::features::FEATURES;
@@ -29,6 +30,9 @@ pub struct ScorerService {
     /// Shadow mode: every answer says ALLOW; the real decision is journaled and counted.
     shadow: bool,
     log: RequestLog,
+    /// Cluster mode: calls go through the log to their account's owner (set once NATS is
+    /// connected).
+    cluster: Option<Arc<OnceLock<Gateway>>>,
 }
 
 impl ScorerService {
@@ -38,6 +42,7 @@ impl ScorerService {
         metrics: Arc<Metrics>,
         shadow: bool,
         log: RequestLog,
+        cluster: Option<Arc<OnceLock<Gateway>>>,
     ) -> Self {
         ScorerService {
             node,
@@ -45,7 +50,12 @@ impl ScorerService {
             metrics,
             shadow,
             log,
+            cluster,
         }
+    }
+
+    fn gateway(&self) -> Result<Option<&Gateway>, Status> {
+        gateway_of(&self.cluster)
     }
 
     /// Records a unary call's outcome (metrics, the request's log line) and passes it on.
@@ -73,6 +83,16 @@ impl ScorerService {
 
     fn limits(&self) -> ParseLimits {
         ParseLimits::now(self.max_future_skew)
+    }
+}
+
+/// The cluster door, in cluster mode; UNAVAILABLE while NATS is not connected.
+fn gateway_of(cluster: &Option<Arc<OnceLock<Gateway>>>) -> Result<Option<&Gateway>, Status> {
+    match cluster {
+        None => Ok(None),
+        Some(cell) => cell.get().map(Some).ok_or_else(|| {
+            Status::unavailable("cluster mode: not connected to NATS yet (see the log)")
+        }),
     }
 }
 
@@ -224,6 +244,7 @@ pub fn parse_item(
 /// One ScoreStream item: a response, or a response carrying the item's error.
 async fn score_item(
     node: &Node,
+    gateway: Option<&Gateway>,
     req: proto::ScoreRequest,
     limits: &ParseLimits,
     shadow: bool,
@@ -233,6 +254,15 @@ async fn score_item(
         Ok(tx) => tx,
         Err(refused) => return *refused,
     };
+    if let Some(gateway) = gateway {
+        return match gateway.score(&tx, &req).await {
+            Ok(resp) => {
+                *decision = decision_of(&resp);
+                resp
+            }
+            Err(s) => error_item(tx.id, code_name(s.code()), "", s.message().to_owned()),
+        };
+    }
     let explain = req.explain;
     let raw = req.transaction.unwrap_or_default();
     match node.score(&tx, raw).await {
@@ -244,6 +274,26 @@ async fn score_item(
     }
 }
 
+/// The decision of a response (none for an error).
+fn decision_of(resp: &proto::ScoreResponse) -> Option<Decision> {
+    match proto::Decision::try_from(resp.decision) {
+        Ok(proto::Decision::Allow) => Some(Decision::Allow),
+        Ok(proto::Decision::Review) => Some(Decision::Review),
+        Ok(proto::Decision::Deny) => Some(Decision::Deny),
+        _ => None,
+    }
+}
+
+/// The item error code of a status (the cluster door's failures).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::Internal => "INTERNAL",
+        _ => "UNKNOWN",
+    }
+}
+
 /// The status code of a stream item's error code.
 fn item_code(code: &str) -> Code {
     match code {
@@ -252,6 +302,8 @@ fn item_code(code: &str) -> Code {
         "NOT_FOUND" => Code::NotFound,
         "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
         "UNAVAILABLE" => Code::Unavailable,
+        "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
+        "INTERNAL" => Code::Internal,
         _ => Code::Unknown,
     }
 }
@@ -272,6 +324,14 @@ impl FraudScorer for ScorerService {
             let req = request.into_inner();
             self.log.transaction(&span, req.transaction.as_ref());
             let tx = parse::transaction(&req, &self.limits())?;
+            if let Some(gateway) = self.gateway()? {
+                let resp = gateway.score(&tx, &req).await?;
+                if let Some(e) = resp.error {
+                    return Err(Status::new(item_code(&e.code), e.message));
+                }
+                decision = decision_of(&resp);
+                return Ok(Response::new(resp));
+            }
             let explain = req.explain;
             let raw = req.transaction.unwrap_or_default();
             let traced = node.score(&tx, raw).await.map_err(|e| status(&tx.id, e))?;
@@ -297,6 +357,7 @@ impl FraudScorer for ScorerService {
             let node = Arc::clone(&node);
             let limits = service.limits();
             let metrics = Arc::clone(&service.metrics);
+            let cluster = service.cluster.clone();
             async move {
                 let started = Instant::now();
                 match item {
@@ -304,9 +365,26 @@ impl FraudScorer for ScorerService {
                         let span = service.log.span("ScoreStream");
                         service.log.transaction(&span, req.transaction.as_ref());
                         let mut decision = None;
-                        let resp = score_item(&node, req, &limits, service.shadow, &mut decision)
-                            .instrument(span.clone())
-                            .await;
+                        let resp = match gateway_of(&cluster) {
+                            Ok(gateway) => {
+                                score_item(
+                                    &node,
+                                    gateway,
+                                    req,
+                                    &limits,
+                                    service.shadow,
+                                    &mut decision,
+                                )
+                                .instrument(span.clone())
+                                .await
+                            }
+                            Err(s) => error_item(
+                                String::new(),
+                                code_name(s.code()),
+                                "",
+                                s.message().to_owned(),
+                            ),
+                        };
                         let code = resp.error.as_ref().map_or(Code::Ok, |e| item_code(&e.code));
                         metrics.request("ScoreStream", code, started.elapsed());
                         service.log.answered(&span, code, decision, started);
@@ -332,6 +410,9 @@ impl FraudScorer for ScorerService {
                 span.record("transaction_id", raw.transaction_id.as_str());
             }
             let fb = parse::feedback(&raw)?;
+            if let Some(gateway) = self.gateway()? {
+                return gateway.feedback(&raw).await.map(Response::new);
+            }
             let applied = node
                 .feedback(&fb, raw)
                 .await

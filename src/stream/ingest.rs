@@ -21,10 +21,17 @@ use crate::grpc::service::{error_item, node_error_item, parse_item, scored_item,
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeError, Pending};
 use crate::proto;
+use prost::Message as _;
 
 const SCORE_REQUEST: &str = "fraudgate.v1.ScoreRequest";
 const FEEDBACK_REQUEST: &str = "fraudgate.v1.ReportFeedbackRequest";
 const SCORE_RESPONSE: &str = "fraudgate.v1.ScoreResponse";
+
+/// Header naming where a gRPC door of a cluster node waits for this message's answer
+/// (`crate::cluster::gateway`).
+pub(crate) const REPLY_HEADER: &str = "Fraudgate-Reply";
+/// Header of a reply that is an error: `<gRPC code name> <message>`.
+pub(crate) const ERROR_HEADER: &str = "Fraudgate-Error";
 
 /// A message asked to come back later (the journal is behind, or publishing failed).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -329,6 +336,7 @@ impl Ingest {
             } else {
                 response.transaction_id.clone()
             };
+            let reply = reply_to(&message).map(|to| (to, response.encode_to_vec()));
             let payload = match codec::encode(SCORE_RESPONSE, &response, format) {
                 Ok(p) => p,
                 Err(e) => {
@@ -362,14 +370,14 @@ impl Ingest {
                 .send_publish(subject.clone(), publish)
                 .await
             {
-                Ok(ack) => published.push((message, written, ack, outcome)),
+                Ok(ack) => published.push((message, written, ack, outcome, reply)),
                 Err(e) => {
                     warn!(error = %e, "publishing a decision; the message will come back");
                     nak(&message).await;
                 }
             }
         }
-        for (message, written, ack, outcome) in published {
+        for (message, written, ack, outcome, reply) in published {
             if let Some(written) = written {
                 if let Err(e) = written.await {
                     warn!(error = %e, "the ledger did not acknowledge; the message will come back");
@@ -383,6 +391,9 @@ impl Ingest {
                     self.metrics.stream_message("transactions", outcome);
                     if let Err(e) = message.ack().await {
                         warn!(error = %e, "acknowledging a transaction message");
+                    }
+                    if let Some((to, payload)) = reply {
+                        self.reply(to, payload.into(), None).await;
                     }
                 }
                 Err(e) => {
@@ -444,10 +455,11 @@ impl Ingest {
                 .map(|fb| (fb, req))
                 .map_err(|e| format!("{}: {}", e.field, e.message))
         });
-        let outcome = match parsed {
+        // The outcome, and the answer for a gRPC door waiting on it (an error: code, message).
+        let (outcome, answer) = match parsed {
             Err(e) => {
                 warn!(error = %e, "feedback message refused");
-                "invalid"
+                ("invalid", Err(format!("INVALID_ARGUMENT {e}")))
             }
             Ok((fb, req)) => match self.record_label(&message, &fb).await {
                 Err(e) => {
@@ -457,7 +469,18 @@ impl Ingest {
                     return;
                 }
                 Ok(()) => match self.node.feedback(&fb, req).await {
-                    Ok(_) => "applied",
+                    Ok(applied) => (
+                        "applied",
+                        Ok(proto::ReportFeedbackResponse {
+                            transaction_id: fb.transaction_id,
+                            applied: applied.outcome.applied,
+                            previous_label: match applied.outcome.previous {
+                                None => proto::Label::Unspecified,
+                                Some(crate::domain::Label::Fraud) => proto::Label::Fraud,
+                                Some(crate::domain::Label::Legitimate) => proto::Label::Legitimate,
+                            } as i32,
+                        }),
+                    ),
                     Err(NodeError::NotFound) if self.ledger.is_some() && young(&message) => {
                         // Another node's, or a moving partition's: asked back until it is old.
                         if let Err(e) = message.ack_with(AckKind::Nak(Some(NOT_FOUND_GRACE))).await
@@ -468,7 +491,13 @@ impl Ingest {
                     }
                     Err(NodeError::NotFound) => {
                         warn!(transaction_id = %fb.transaction_id, "feedback for a transaction not scored here");
-                        "not_found"
+                        (
+                            "not_found",
+                            Err(format!(
+                                "NOT_FOUND transaction_id: {:?} was not scored here or is too old to be remembered",
+                                fb.transaction_id
+                            )),
+                        )
                     }
                     Err(e) => {
                         warn!(error = %e, "feedback not applied; the message will come back");
@@ -482,6 +511,28 @@ impl Ingest {
         self.metrics.stream_message("feedback", outcome);
         if let Err(e) = message.ack().await {
             warn!(error = %e, "acknowledging a feedback message");
+        }
+        if let Some(to) = reply_to(&message) {
+            match answer {
+                Ok(response) => self.reply(to, response.encode_to_vec().into(), None).await,
+                Err(error) => self.reply(to, bytes::Bytes::new(), Some(error)).await,
+            }
+        }
+    }
+
+    /// Answers a gRPC door waiting on `to` (core NATS: if it has gone, nobody listens).
+    async fn reply(&self, to: String, payload: bytes::Bytes, error: Option<String>) {
+        let client = self.nats.jetstream.client();
+        let sent = match error {
+            None => client.publish(to, payload).await,
+            Some(e) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(ERROR_HEADER, e.as_str());
+                client.publish_with_headers(to, headers, payload).await
+            }
+        };
+        if let Err(e) = sent {
+            warn!(error = %e, "answering a gRPC door");
         }
     }
 }
@@ -514,6 +565,15 @@ impl Ingest {
             .context("the ledger's acknowledgement")?;
         Ok(())
     }
+}
+
+/// Where the message's answer is awaited, if anywhere.
+fn reply_to(message: &Message) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(REPLY_HEADER))
+        .map(|v| v.as_str().to_owned())
 }
 
 /// Wait between deliveries of feedback no node knows yet.
