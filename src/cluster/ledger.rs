@@ -11,6 +11,7 @@
 //! `Nats-Msg-Id` = the transaction id (a scoring) or the feedback's stream position (a
 //! label), so a rewrite after a failure is dropped as a duplicate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,14 +27,18 @@ use crate::domain::{Decision, Feedback, Label, Reason, Scored, Transaction};
 use crate::grpc::parse::{self, ParseLimits};
 use crate::journal::recover::intern;
 use crate::proto::{self, ledger_entry};
+use crate::state::partitioned::PARTITIONS;
 use crate::state::txstore::fraud_delta;
 use crate::state::TxFacts;
 
-/// Writes this process's ledger entries. Shared by the partition consumers and feedback.
+/// Writes this process's ledger entries, and knows which partitions this process runs (only
+/// their transactions' feedback may be applied here). Shared by the partition consumers,
+/// feedback and ownership.
 #[derive(Debug)]
 pub struct Ledger {
     prefix: String,
     origin: String,
+    running: [AtomicBool; PARTITIONS],
 }
 
 impl Ledger {
@@ -41,7 +46,17 @@ impl Ledger {
         Ledger {
             prefix: prefix.to_owned(),
             origin,
+            running: std::array::from_fn(|_| AtomicBool::new(false)),
         }
+    }
+
+    /// Whether this process runs partition `p` (rebuilt, consuming).
+    pub fn runs(&self, p: usize) -> bool {
+        self.running[p].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_running(&self, p: usize, running: bool) {
+        self.running[p].store(running, Ordering::Release);
     }
 
     /// `<node>/<random id of this start>`.

@@ -255,7 +255,13 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
             source,
             ledger: Some(Arc::clone(&shared.ledger)),
         };
+        if let Role::Partition(p) = role {
+            shared.ledger.set_running(p, true);
+        }
         crate::stream::logged("partition", ingest.run(stop)).await;
+        if let Role::Partition(p) = role {
+            shared.ledger.set_running(p, false);
+        }
     });
     Running {
         stop: stop_tx,

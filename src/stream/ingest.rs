@@ -461,6 +461,17 @@ impl Ingest {
                 warn!(error = %e, "feedback message refused");
                 ("invalid", Err(format!("INVALID_ARGUMENT {e}")))
             }
+            Ok((fb, _)) if !self.holds(&fb) => {
+                if young(&message) {
+                    // Another node's, or a moving partition's: asked back until it is old.
+                    if let Err(e) = message.ack_with(AckKind::Nak(Some(NOT_FOUND_GRACE))).await {
+                        warn!(error = %e, "asking for a message to come back");
+                    }
+                    return;
+                }
+                tracing::debug!(transaction_id = %fb.transaction_id, "feedback for a transaction no node held in time");
+                ("not_found", Err(not_found(&fb.transaction_id)))
+            }
             Ok((fb, req)) => match self.record_label(&message, &fb).await {
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "writing the ledger; the feedback will come back");
@@ -481,23 +492,9 @@ impl Ingest {
                             } as i32,
                         }),
                     ),
-                    Err(NodeError::NotFound) if self.ledger.is_some() && young(&message) => {
-                        // Another node's, or a moving partition's: asked back until it is old.
-                        if let Err(e) = message.ack_with(AckKind::Nak(Some(NOT_FOUND_GRACE))).await
-                        {
-                            warn!(error = %e, "asking for a message to come back");
-                        }
-                        return;
-                    }
                     Err(NodeError::NotFound) => {
                         warn!(transaction_id = %fb.transaction_id, "feedback for a transaction not scored here");
-                        (
-                            "not_found",
-                            Err(format!(
-                                "NOT_FOUND transaction_id: {:?} was not scored here or is too old to be remembered",
-                                fb.transaction_id
-                            )),
-                        )
+                        ("not_found", Err(not_found(&fb.transaction_id)))
                     }
                     Err(e) => {
                         warn!(error = %e, "feedback not applied; the message will come back");
@@ -538,6 +535,21 @@ impl Ingest {
 }
 
 impl Ingest {
+    /// Whether this node applies `fb`: always on a single node (unknown transactions get
+    /// NOT_FOUND from the node); in a cluster, only if it runs the partition of a
+    /// transaction it holds (a partition it gave up may still be in its store).
+    fn holds(&self, fb: &crate::domain::Feedback) -> bool {
+        let Some(ledger) = &self.ledger else {
+            return true;
+        };
+        self.node
+            .engine()
+            .transaction_facts(fb.key)
+            .is_some_and(|(facts, _)| {
+                ledger.runs(crate::state::partitioned::partition(facts.account))
+            })
+    }
+
     /// Cluster mode: writes a label for a transaction this node holds to its partition's
     /// ledger before applying it, with the change it is about to make (so a crash between
     /// the two re-delivers the feedback and the same entry, dropped as a duplicate).
@@ -565,6 +577,10 @@ impl Ingest {
             .context("the ledger's acknowledgement")?;
         Ok(())
     }
+}
+
+fn not_found(id: &str) -> String {
+    format!("NOT_FOUND transaction_id: {id:?} was not scored here or is too old to be remembered")
 }
 
 /// Where the message's answer is awaited, if anywhere.
