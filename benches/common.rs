@@ -30,6 +30,7 @@ pub fn requests(accounts: usize, n: usize) -> Vec<proto::ScoreRequest> {
 }
 
 /// The same as validated transactions.
+#[allow(dead_code)] // not every bench takes both forms
 pub fn transactions(accounts: usize, n: usize) -> Vec<Transaction> {
     requests(accounts, n)
         .into_iter()
