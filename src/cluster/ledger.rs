@@ -250,7 +250,11 @@ pub(crate) async fn follow(
             };
             let seq = message.info().map_or(next, |i| i.stream_sequence);
             next = seq + 1;
-            match apply_followed(shared.node.engine(), &message.payload, shared.ledger.origin()) {
+            match apply_followed(
+                shared.node.engine(),
+                &message.payload,
+                shared.ledger.origin(),
+            ) {
                 Ok(true) => applied += 1,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(seq, error = %format!("{e:#}"), "a ledger entry skipped"),
