@@ -506,3 +506,62 @@ async fn the_readme_cluster_commands_work() {
         .as_f64();
     assert_eq!(count, Some(1.0), "{answer}");
 }
+
+/// Partitions change hands gracefully (a node joins mid-stream and the first releases to it)
+/// and by restart (a node killed and started again under its name before its membership
+/// expires takes back what it owned, rebuilt from the ledger): every account ends exactly
+/// where the single node's is, every transaction decided once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_move_on_join_and_restart_without_losing_an_account() {
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    let _n1 = node(&nats, "j1").await;
+    settled(&js, &["j1"]).await;
+    let mut reference = Reference::start().await;
+
+    // j2 joins while j1 works through a burst.
+    let first = payments(0, 2_000);
+    publish(&js, &first).await;
+    let mut n2 = node(&nats, "j2").await;
+    settled(&js, &["j1", "j2"]).await;
+    let want = reference.score(&first).await;
+    let got = decisions(&js, first.len()).await;
+    for (id, w) in &want {
+        let g = &got[id];
+        if !g.replayed {
+            assert_eq!(features(g, "acct_"), features(w, "acct_"), "{id}");
+        }
+    }
+
+    // j2 is killed mid-stream and restarted at once under its name.
+    let second = payments(2_000, 4_000);
+    publish(&js, &second).await;
+    let mut decided = js.get_stream("FRAUDGATE_DECISIONS").await.unwrap();
+    while decided.info().await.unwrap().state.messages < first.len() as u64 + 200 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    n2.signal("-KILL");
+    drop(n2);
+    n2 = node(&nats, "j2").await;
+    settled(&js, &["j1", "j2"]).await;
+    let want = reference.score(&second).await;
+    let got = decisions(&js, first.len() + second.len()).await;
+    assert_eq!(got.len(), first.len() + second.len());
+    for (id, w) in &want {
+        let g = &got[id];
+        if !g.replayed {
+            assert_eq!(features(g, "acct_"), features(w, "acct_"), "{id}");
+        }
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut probes = account_probes("j", 4_100);
+    probes.extend(merchant_probes("j", 4_100));
+    publish(&js, &probes).await;
+    let want = reference.score(&probes).await;
+    let got = decisions(&js, first.len() + second.len() + probes.len()).await;
+    for (id, w) in &want {
+        assert_same_features(&got[id], w);
+    }
+    drop(n2);
+}
