@@ -199,8 +199,38 @@ async fn settled(js: &async_nats::jetstream::Context, nodes: &[&str]) -> BTreeMa
     }
 }
 
-async fn node(nats: &NatsServer, name: &str) -> ServerProcess {
-    ServerProcess::start_env(
+/// A cluster node process and its metrics address.
+struct Node {
+    process: ServerProcess,
+    metrics: std::net::SocketAddr,
+}
+
+impl Node {
+    async fn client(
+        &self,
+    ) -> proto::fraud_scorer_client::FraudScorerClient<tonic::transport::Channel> {
+        self.process.client().await
+    }
+
+    /// How many ledger entries this node has followed (its own included).
+    fn followed(&self) -> f64 {
+        let body = common::scrape(self.metrics);
+        body.lines()
+            .find(|l| {
+                l.starts_with("fraudgate_stream_messages_total{")
+                    && l.contains("outcome=\"followed\"")
+                    && l.contains("stream=\"ledger\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+async fn node(nats: &NatsServer, name: &str) -> Node {
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", common::process::free_port())
+        .parse()
+        .unwrap();
+    let process = ServerProcess::start_env(
         &[
             "--nats",
             &nats.url(),
@@ -211,10 +241,34 @@ async fn node(nats: &NatsServer, name: &str) -> ServerProcess {
             "2s",
             "--cluster-reply-timeout",
             "2s",
+            "--metrics-listen",
+            &metrics.to_string(),
         ],
         &[("RUST_LOG", "warn")],
     )
-    .await
+    .await;
+    Node { process, metrics }
+}
+
+/// Waits until every node has followed the whole ledger: the merchant windows then hold
+/// everything scored so far, on every node.
+async fn propagated(js: &async_nats::jetstream::Context, nodes: &[&Node]) {
+    let mut ledger = js.get_stream("FRAUDGATE_LEDGER").await.unwrap();
+    let last = ledger.info().await.unwrap().state.last_sequence as f64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for n in nodes {
+        loop {
+            let followed = tokio::task::block_in_place(|| n.followed());
+            if followed >= last {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a node followed {followed} of {last} ledger entries"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +307,7 @@ async fn three_nodes_score_as_one_and_survive_a_kill() {
     );
 
     // 2. Once the ledger has propagated, every node's merchants equal the single node's.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    propagated(&js, &nodes.iter().collect::<Vec<_>>()).await;
     let probes = merchant_probes("a", 1_300);
     publish(&js, &probes).await;
     let want = reference.score(&probes).await;
@@ -280,7 +334,7 @@ async fn three_nodes_score_as_one_and_survive_a_kill() {
     while decided.info().await.unwrap().state.messages < before as u64 + 100 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    nodes[index].signal("-KILL");
+    nodes[index].process.signal("-KILL");
     nodes.remove(index);
     let survivors: Vec<&str> = ["n1", "n2", "n3"]
         .into_iter()
@@ -298,7 +352,7 @@ async fn three_nodes_score_as_one_and_survive_a_kill() {
     }
 
     // Every account, wherever it lives now, holds exactly the single node's state.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    propagated(&js, &nodes.iter().collect::<Vec<_>>()).await;
     let probes = account_probes("b", 3_500);
     publish(&js, &probes).await;
     let want = reference.score(&probes).await;
@@ -390,7 +444,7 @@ async fn grpc_calls_on_any_node_reach_the_owner() {
         .into_inner();
     assert!(!fb.applied);
     assert_eq!(fb.previous_label, proto::Label::Fraud as i32);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    propagated(&js, &[&nodes[0], &nodes[1]]).await;
     for (i, probe) in (0..8)
         .map(|k| {
             explain(tx(
@@ -515,7 +569,7 @@ async fn the_readme_cluster_commands_work() {
 async fn partitions_move_on_join_and_restart_without_losing_an_account() {
     let nats = NatsServer::start().await;
     let js = nats.jetstream().await;
-    let _n1 = node(&nats, "j1").await;
+    let n1 = node(&nats, "j1").await;
     settled(&js, &["j1"]).await;
     let mut reference = Reference::start().await;
 
@@ -540,7 +594,7 @@ async fn partitions_move_on_join_and_restart_without_losing_an_account() {
     while decided.info().await.unwrap().state.messages < first.len() as u64 + 200 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    n2.signal("-KILL");
+    n2.process.signal("-KILL");
     drop(n2);
     n2 = node(&nats, "j2").await;
     settled(&js, &["j1", "j2"]).await;
@@ -554,7 +608,7 @@ async fn partitions_move_on_join_and_restart_without_losing_an_account() {
         }
     }
 
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    propagated(&js, &[&n1, &n2]).await;
     let mut probes = account_probes("j", 4_100);
     probes.extend(merchant_probes("j", 4_100));
     publish(&js, &probes).await;
