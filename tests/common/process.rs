@@ -147,3 +147,24 @@ impl Drop for ServerProcess {
         }
     }
 }
+
+/// Runs a README command with bash in the repository (off the async threads); its stdout.
+/// Panics with its output if it fails, naming what it `needs` installed.
+pub async fn shell(command: String, needs: &'static str) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .args(["-c", &command])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{} (needs: {needs})",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
