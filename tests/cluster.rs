@@ -605,3 +605,46 @@ async fn partitions_move_on_join_and_restart_without_losing_an_account() {
     }
     drop(n2);
 }
+
+/// A node paused (SIGSTOP) longer than its membership lives loses its partitions to the
+/// other; resumed, it scores nothing it no longer owns, takes its share back once it is a
+/// member again, and every account ends where the single node's is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_loses_its_partitions_and_acts_on_none_of_them() {
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    let n1 = node(&nats, "s1").await;
+    let n2 = node(&nats, "s2").await;
+    settled(&js, &["s1", "s2"]).await;
+    let mut reference = Reference::start().await;
+
+    let first = payments(0, 3_000);
+    publish(&js, &first).await;
+    let mut decided = js.get_stream("FRAUDGATE_DECISIONS").await.unwrap();
+    while decided.info().await.unwrap().state.messages < 300 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    n2.process.signal("-STOP");
+    settled(&js, &["s1"]).await;
+    n2.process.signal("-CONT");
+    settled(&js, &["s1", "s2"]).await;
+
+    let want = reference.score(&first).await;
+    let got = decisions(&js, first.len()).await;
+    assert_eq!(got.len(), first.len());
+    for (id, w) in &want {
+        let g = &got[id];
+        if !g.replayed {
+            assert_eq!(features(g, "acct_"), features(w, "acct_"), "{id}");
+        }
+    }
+    propagated(&js, &[&n1, &n2]).await;
+    let mut probes = account_probes("s", 3_100);
+    probes.extend(merchant_probes("s", 3_100));
+    publish(&js, &probes).await;
+    let want = reference.score(&probes).await;
+    let got = decisions(&js, first.len() + probes.len()).await;
+    for (id, w) in &want {
+        assert_same_features(&got[id], w);
+    }
+}

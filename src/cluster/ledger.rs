@@ -11,7 +11,7 @@
 //! `Nats-Msg-Id` = the transaction id (a scoring) or the feedback's stream position (a
 //! label), so a rewrite after a failure is dropped as a duplicate.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,12 @@ pub struct Ledger {
     prefix: String,
     origin: String,
     running: [AtomicBool; PARTITIONS],
+    /// When this process last renewed its membership (ms since `epoch`; 0: never).
+    renewed_ms: AtomicU64,
+    /// The lease ran out at some point since ownership last looked: roles stay stopped
+    /// until ownership has stopped them all and read the owners again.
+    lapsed: AtomicBool,
+    epoch: Instant,
 }
 
 impl Ledger {
@@ -48,7 +54,38 @@ impl Ledger {
             prefix: prefix.to_owned(),
             origin,
             running: std::array::from_fn(|_| AtomicBool::new(false)),
+            renewed_ms: AtomicU64::new(0),
+            lapsed: AtomicBool::new(false),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Records a successful heartbeat (after checking the lease had not run out before it:
+    /// a paused process resumes with its heartbeat and its consumers racing).
+    pub(crate) fn renewed(&self) {
+        let _ = self.lease_held();
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.renewed_ms.store(now.max(1), Ordering::Release);
+    }
+
+    /// Whether the lease ran out since ownership last cleared it; clears it.
+    pub(crate) fn take_lapse(&self) -> bool {
+        self.lapsed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether this process may still act as an owner: it renewed its membership within half
+    /// the membership's lifetime. Another node takes a role only after the membership has
+    /// expired, so an owner that cannot renew (cut off, or paused) stops acting well before
+    /// anyone else can start: at most one owner acts at a time.
+    pub fn lease_held(&self) -> bool {
+        let renewed = self.renewed_ms.load(Ordering::Acquire);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let fresh =
+            renewed > 0 && now.saturating_sub(renewed) < (super::MEMBER_TTL / 2).as_millis() as u64;
+        if renewed > 0 && !fresh {
+            self.lapsed.store(true, Ordering::Release);
+        }
+        fresh && !self.lapsed.load(Ordering::Acquire)
     }
 
     /// Whether this process runs partition `p` (rebuilt, consuming).

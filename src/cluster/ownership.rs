@@ -61,8 +61,9 @@ fn target(role: Role, members: &[String]) -> Option<&str> {
 pub(super) async fn heartbeat(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let origin = bytes::Bytes::from(shared.ledger.origin().to_owned());
     loop {
-        if let Err(e) = shared.members.put(&shared.name, origin.clone()).await {
-            warn!(error = %e, "cluster heartbeat");
+        match shared.members.put(&shared.name, origin.clone()).await {
+            Ok(_) => shared.ledger.renewed(),
+            Err(e) => warn!(error = %e, "cluster heartbeat"),
         }
         tokio::select! {
             _ = stop.changed() => break,
@@ -115,6 +116,15 @@ pub(super) async fn run(
 }
 
 async fn tick(shared: &Arc<Shared>, running: &mut HashMap<Role, Running>) -> anyhow::Result<()> {
+    if shared.ledger.take_lapse() {
+        // Its roles may have been taken while it could not renew: stop them all, and take
+        // back (rebuilt) whatever the owners bucket still says is its own.
+        for (role, r) in running.drain() {
+            warn!(role = %role.key(), "the membership lapsed: stopping");
+            finish(r).await;
+            forget(shared, role);
+        }
+    }
     let mut members: Vec<String> = shared.members.keys().await?.try_collect().await?;
     members.sort();
     if !members.contains(&shared.name) {

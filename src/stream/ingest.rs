@@ -226,6 +226,15 @@ impl Ingest {
                     continue;
                 }
                 failing = 0;
+                if self.ledger.as_ref().is_some_and(|l| !l.lease_held()) {
+                    // A cluster node that could not renew its membership may have lost
+                    // this role: it leaves the messages to whoever owns it now.
+                    warn!(%subject, "cluster membership not renewed: leaving this batch");
+                    for m in &messages {
+                        nak(m).await;
+                    }
+                    continue;
+                }
                 match kind {
                     Kind::Transactions => self.score_batch(messages).await,
                     Kind::Feedback => {
