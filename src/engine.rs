@@ -118,6 +118,8 @@ pub struct Engine {
     monitor: ModelMonitor,
     /// The last sequence number handed out.
     sequencer: Mutex<u64>,
+    /// Cluster mode: merchant, device and IP windows change only from the ledger.
+    shared_from_ledger: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -132,6 +134,7 @@ impl Engine {
             breaker: DeclineBreaker::default(),
             monitor: ModelMonitor::default(),
             sequencer: Mutex::new(0),
+            shared_from_ledger: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -153,7 +156,11 @@ impl Engine {
                 let mut seq = self.sequencer.lock();
                 *seq += 1;
                 let serving = self.serving.load_full();
-                let snapshot = self.state.observe(tx);
+                let snapshot = if self.shared_from_ledger() {
+                    self.state.observe_account(tx)
+                } else {
+                    self.state.observe(tx)
+                };
                 let features = features::extract(tx, &snapshot);
                 let mass = serving.model.score_and_learn_anomaly(&features);
                 (serving, *seq, snapshot, features, mass)
@@ -219,7 +226,12 @@ impl Engine {
             let mut seq = self.sequencer.lock();
             *seq += 1;
             if delta != 0 {
-                self.state.add_fraud(&rec.facts, delta);
+                let entities = if self.shared_from_ledger() {
+                    Pending::ACCOUNT
+                } else {
+                    Pending::ALL
+                };
+                self.state.add_fraud_to(&rec.facts, delta, entities);
             }
             numbered = Some((*seq, delta));
         })?;
@@ -412,12 +424,25 @@ impl Engine {
 /// JetStream is the record and there are no snapshots, so the sequencer's cut does not
 /// apply; each change still holds only the entry it writes.
 impl Engine {
-    /// Another node scored `tx`: its merchant, device and IP windows take it.
+    /// Cluster mode: from now on, scoring and feedback change only the account; merchant,
+    /// device and IP windows change only from the ledger (every node's entries, this one's
+    /// included), so they are the same fold of the same log on every node.
+    pub fn set_shared_from_ledger(&self) {
+        self.shared_from_ledger
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn shared_from_ledger(&self) -> bool {
+        self.shared_from_ledger
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A ledger entry of a scored `tx`: its merchant, device and IP windows take it.
     pub fn apply_remote_scored(&self, tx: &Transaction) {
         self.state.replay_observe(tx, Pending::SHARED);
     }
 
-    /// Another node applied a label: the shared entities' fraud counts take its change.
+    /// A ledger entry of a label: the shared entities' fraud counts take its change.
     pub fn apply_remote_label(&self, facts: &TxFacts, fraud_delta: i32) {
         if fraud_delta != 0 {
             self.state.add_fraud_to(facts, fraud_delta, Pending::SHARED);

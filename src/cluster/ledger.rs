@@ -2,8 +2,8 @@
 //! fresh scoring (transaction and answer) and every label, in the order the partition's
 //! owner made them. It is what the cluster's state is derived from:
 //!
-//! - every node follows all of it and applies the other processes' entries to its merchant,
-//!   device and IP windows ([`follow`]);
+//! - every node follows all of it (its own entries included) into its merchant, device and
+//!   IP windows, which change in no other way in a cluster ([`follow`]);
 //! - a node taking a partition replays that partition's subject into its accounts and its
 //!   store of recent transactions ([`rebuild`]).
 //!
@@ -226,8 +226,8 @@ fn scored_of(r: &proto::ScoreResponse) -> anyhow::Result<Scored> {
     })
 }
 
-/// Follows the whole ledger from its first entry, applying every other process's entries to
-/// the shared entities; `caught_up` turns true once it has applied what the ledger held
+/// Follows the whole ledger from its first entry into the shared entities; `caught_up` turns
+/// true once it has applied what the ledger held
 /// when it started (the node takes no partition before: its merchant windows would be
 /// short). Reopens with backoff when NATS goes away; ends at `stop`.
 pub(crate) async fn follow(
@@ -285,13 +285,8 @@ pub(crate) async fn follow(
             };
             let seq = message.info().map_or(next, |i| i.stream_sequence);
             next = seq + 1;
-            match apply_followed(
-                shared.node.engine(),
-                &message.payload,
-                shared.ledger.origin(),
-            ) {
-                Ok(true) => applied += 1,
-                Ok(false) => {}
+            match apply_followed(shared.node.engine(), &message.payload) {
+                Ok(()) => applied += 1,
                 Err(e) => tracing::warn!(seq, error = %format!("{e:#}"), "a ledger entry skipped"),
             }
             shared.metrics.stream_message("ledger", "followed");
@@ -304,21 +299,14 @@ pub(crate) async fn follow(
     Ok(())
 }
 
-/// Applies one followed ledger entry to the shared entities, unless `own` wrote it (it
-/// applied it when it did). True if applied. What merchant sharing costs a node, per entry
-/// of every other node (`cargo bench --bench ledger`).
-pub fn apply_followed(engine: &Engine, payload: &[u8], own: &str) -> anyhow::Result<bool> {
-    match decode(payload)? {
-        (origin, _) if origin == own => Ok(false),
-        (_, Decoded::Scored(tx, _)) => {
-            engine.apply_remote_scored(&tx);
-            Ok(true)
-        }
-        (_, Decoded::Labelled(l)) => {
-            engine.apply_remote_label(&facts_of(&l), l.fraud_delta);
-            Ok(true)
-        }
+/// Applies one followed ledger entry to the shared entities. What merchant sharing costs a
+/// node, per entry of the whole cluster (`cargo bench --bench ledger`).
+pub fn apply_followed(engine: &Engine, payload: &[u8]) -> anyhow::Result<()> {
+    match decode(payload)?.1 {
+        Decoded::Scored(tx, _) => engine.apply_remote_scored(&tx),
+        Decoded::Labelled(l) => engine.apply_remote_label(&facts_of(&l), l.fraud_delta),
     }
+    Ok(())
 }
 
 /// What rebuilding a partition did.

@@ -8,9 +8,10 @@
 //! - Each partition has one **owner**, which scores `<prefix>.part.<p>` exactly as the
 //!   single-node door does and writes every fresh scoring and label to the **ledger**
 //!   (`<prefix>.ledger.<p>`) before acknowledging its input.
-//! - Every node **follows** the whole ledger and applies the other nodes' entries to its
-//!   merchant, device and IP windows ([`ledger::follow`]); a node that takes a partition
-//!   rebuilds its accounts from that partition's ledger ([`ledger::rebuild`]).
+//! - Every node **follows** the whole ledger (its own entries included) into its merchant,
+//!   device and IP windows, which change in no other way ([`ledger::follow`]): the same fold
+//!   of the same log on every node. A node that takes a partition rebuilds its accounts
+//!   from that partition's ledger ([`ledger::rebuild`]).
 //! - Who owns what: two JetStream key-value buckets ([`ownership`]): live members (entries
 //!   expire 5 s after a node's last heartbeat) and owners (changed only by compare-and-set).
 //!
@@ -118,6 +119,9 @@ pub async fn run(
     }
     let members = bucket(&nats, "members", MEMBER_TTL).await?;
     let owners = bucket(&nats, "owners", Duration::ZERO).await?;
+    // From here on the shared entities change only from the ledger (the gRPC door of a
+    // cluster node scores nothing locally).
+    node.engine().set_shared_from_ledger();
     let origin = format!("{}/{:016x}", config.node, rand::random::<u64>());
     let ledger = Arc::new(Ledger::new(&nats.config.prefix, origin));
     let shared = Arc::new(Shared {

@@ -31,6 +31,17 @@ impl EntityState {
         }
     }
 
+    /// What [`EntityState::observe`] would return at `t`, without recording anything.
+    pub fn view(&self, t: EventTime) -> EntityView {
+        if self.windows.head().is_some_and(|h| t - h > EXPIRY_SECS) {
+            return EntityState::default().view(t);
+        }
+        EntityView {
+            windows: self.windows.stats(t),
+            secs_since_last: self.windows.head().map(|h| (t - h).max(0)),
+        }
+    }
+
     /// Returns what was known before `t`, then records a transaction of `amount` at `t`.
     pub fn observe(&mut self, t: EventTime, amount: f64) -> EntityView {
         self.expire(t);

@@ -210,6 +210,30 @@ impl State {
         }
     }
 
+    /// [`State::observe`] for a cluster node: the account records `tx`; its merchant, device
+    /// and IP are only read (they take `tx` when the node follows it in the ledger).
+    pub fn observe_account(&self, tx: &Transaction) -> Snapshot {
+        let t = tx.event_time;
+        self.watermark.fetch_max(t, Ordering::Relaxed);
+        let account = self
+            .accounts
+            .map(tx.account)
+            .entry(tx.account)
+            .or_default()
+            .observe(t, tx.amount, tx.merchant);
+        let view = |map: &Map<EntityState>, key: EntityKey| {
+            map.map(key)
+                .get(&key)
+                .map_or_else(|| EntityState::default().view(t), |e| e.view(t))
+        };
+        Snapshot {
+            account,
+            merchant: view(&self.merchants, tx.merchant),
+            device: tx.device.map(|k| view(&self.devices, k)),
+            ip: tx.ip.map(|k| view(&self.ips, k)),
+        }
+    }
+
     /// A copy of everything, for a snapshot, one partition at a time: `lock` is called before
     /// each partition's copy and its guard (the engine's sequencer, holding the last sequence
     /// number) held while it is made, so each partition is a consistent cut at that number
