@@ -48,6 +48,7 @@ pub struct Metrics {
     decision_precision: GaugeVec,
     stream_messages: IntCounterVec,
     owned_partitions: IntGauge,
+    ledger_pending: IntGauge,
     alerts: IntCounterVec,
     /// Held while scrape-time values are copied in, so two scrapes do not both add the same
     /// increase to a counter.
@@ -168,6 +169,11 @@ impl Metrics {
             "cluster_owned_partitions",
             "Account partitions this node owns and scores (cluster mode)",
         )?;
+        let ledger_pending = IntGauge::new(
+            "cluster_ledger_pending",
+            "Ledger entries not yet followed by this node (cluster mode): how far its merchant, \
+             device and IP windows are behind the cluster",
+        )?;
         let alerts = IntCounterVec::new(
             Opts::new(
                 "alerts_total",
@@ -180,6 +186,7 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(stream_messages.clone()),
             Box::new(owned_partitions.clone()),
+            Box::new(ledger_pending.clone()),
             Box::new(alerts.clone()),
             Box::new(latency.clone()),
             Box::new(decisions.clone()),
@@ -225,6 +232,7 @@ impl Metrics {
             decision_precision,
             stream_messages,
             owned_partitions,
+            ledger_pending,
             alerts,
             scrape: Mutex::new(()),
             node: OnceLock::new(),
@@ -256,6 +264,11 @@ impl Metrics {
     /// How many account partitions this cluster node owns.
     pub fn set_owned_partitions(&self, n: usize) {
         self.owned_partitions.set(n as i64);
+    }
+
+    /// How many ledger entries this cluster node has yet to follow.
+    pub fn set_ledger_pending(&self, n: u64) {
+        self.ledger_pending.set(n as i64);
     }
 
     /// One alert event for a sink (`nats`, `webhook`).

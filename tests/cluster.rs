@@ -260,6 +260,12 @@ async fn propagated(js: &async_nats::jetstream::Context, nodes: &[&Node]) {
         loop {
             let followed = tokio::task::block_in_place(|| n.followed());
             if followed >= last {
+                // Its lag gauge says the same.
+                let body = tokio::task::block_in_place(|| common::scrape(n.metrics));
+                assert_eq!(
+                    common::metric_value(&body, "fraudgate_cluster_ledger_pending"),
+                    0.0
+                );
                 break;
             }
             assert!(

@@ -283,7 +283,10 @@ pub(crate) async fn follow(
                 }
                 None => break,
             };
-            let seq = message.info().map_or(next, |i| i.stream_sequence);
+            let (seq, pending) = message
+                .info()
+                .map_or((next, 0), |i| (i.stream_sequence, i.pending));
+            shared.metrics.set_ledger_pending(pending);
             next = seq + 1;
             match apply_followed(shared.node.engine(), &message.payload) {
                 Ok(()) => applied += 1,
