@@ -37,6 +37,7 @@ fn bench(c: &mut Criterion) {
                 &tx.id,
                 r.transaction.clone().expect("transaction"),
                 to_proto(tx.id.clone(), &outcome),
+                1,
             );
             publish_payload(publish)
         })

@@ -11,6 +11,8 @@
 //! `Nats-Msg-Id` = the transaction id (a scoring) or the feedback's stream position (a
 //! label), so a rewrite after a failure is dropped as a duplicate.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,19 +109,22 @@ impl Ledger {
         format!("{}.ledger.{p}", self.prefix)
     }
 
-    /// The entry for a fresh scoring of `transaction` in partition `p`.
+    /// The entry for a fresh scoring of `transaction` in partition `p`, scored as the
+    /// partitioned stream's message `input_seq`.
     pub fn scored(
         &self,
         p: usize,
         id: &str,
         transaction: proto::Transaction,
         response: proto::ScoreResponse,
+        input_seq: u64,
     ) -> (String, PublishMessage) {
         let entry = proto::LedgerEntry {
             origin: self.origin.clone(),
             entry: Some(ledger_entry::Entry::Scored(proto::LedgerScored {
                 transaction: Some(transaction),
                 response: Some(response),
+                input_seq,
             })),
         };
         (self.subject(p), publish(&entry, id.to_owned()))
@@ -164,7 +169,8 @@ fn publish(entry: &proto::LedgerEntry, msg_id: String) -> PublishMessage {
 
 /// One decoded entry.
 enum Decoded {
-    Scored(Transaction, Box<proto::ScoreResponse>),
+    /// The transaction, its answer, and its place in the partitioned stream.
+    Scored(Transaction, Box<proto::ScoreResponse>, u64),
     Labelled(proto::LedgerLabelled),
 }
 
@@ -181,6 +187,7 @@ fn decode(payload: &[u8]) -> anyhow::Result<(String, Decoded)> {
             Decoded::Scored(
                 tx,
                 Box::new(s.response.context("a scoring without its answer")?),
+                s.input_seq,
             )
         }
         ledger_entry::Entry::Labelled(l) => Decoded::Labelled(l),
@@ -306,10 +313,41 @@ pub(crate) async fn follow(
 /// node, per entry of the whole cluster (`cargo bench --bench ledger`).
 pub fn apply_followed(engine: &Engine, payload: &[u8]) -> anyhow::Result<()> {
     match decode(payload)?.1 {
-        Decoded::Scored(tx, _) => engine.apply_remote_scored(&tx),
+        Decoded::Scored(tx, ..) => engine.apply_remote_scored(&tx),
         Decoded::Labelled(l) => engine.apply_remote_label(&facts_of(&l), l.fraud_delta),
     }
     Ok(())
+}
+
+/// Entries a rebuild holds to restore the scoring order: more than a partition consumer's
+/// unacknowledged messages (`--nats-batch` x 4, at most 4,000).
+const REORDER: usize = 8_192;
+
+/// A ledger entry in a rebuild's reorder window: by scoring order, then ledger order.
+struct Ordered {
+    key: u64,
+    seq: u64,
+    entry: Decoded,
+}
+
+impl PartialEq for Ordered {
+    fn eq(&self, other: &Self) -> bool {
+        (self.key, self.seq) == (other.key, other.seq)
+    }
+}
+
+impl Eq for Ordered {}
+
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ordered {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.key, self.seq).cmp(&(other.key, other.seq))
+    }
 }
 
 /// What rebuilding a partition did.
@@ -353,15 +391,19 @@ pub(crate) async fn rebuild(shared: &Shared, p: usize) -> anyhow::Result<Rebuilt
         .await
         .with_context(|| format!("replaying {subject}"))?;
     let engine = shared.node.engine();
-    while let Some(message) = messages.next().await {
-        let message = message.with_context(|| format!("replaying {subject}"))?;
-        let seq = message.info().map_or(0, |i| i.stream_sequence);
-        match decode(&message.payload) {
-            Ok((_, Decoded::Scored(tx, response))) => {
+    // Entries in the order the owner scored them: by their place in the partitioned stream
+    // (a label after every scoring written before it). A write retried after a failure lands
+    // late, but never more than the messages in flight (a consumer's unacknowledged ones)
+    // late, so a window of REORDER entries puts every one back in its place.
+    let mut window: BinaryHeap<Reverse<Ordered>> = BinaryHeap::new();
+    let mut latest = 0u64;
+    let apply = |entry: Decoded, report: &mut Rebuilt| -> anyhow::Result<()> {
+        match entry {
+            Decoded::Scored(tx, response, _) => {
                 engine.rebuild_scored(&tx, Arc::new(scored_of(&response)?));
                 report.scorings += 1;
             }
-            Ok((_, Decoded::Labelled(l))) => {
+            Decoded::Labelled(l) => {
                 if let Ok(label) = proto::Label::try_from(l.label) {
                     let label = match label {
                         proto::Label::Fraud => Label::Fraud,
@@ -371,11 +413,36 @@ pub(crate) async fn rebuild(shared: &Shared, p: usize) -> anyhow::Result<Rebuilt
                     report.labels += 1;
                 }
             }
+        }
+        Ok(())
+    };
+    while let Some(message) = messages.next().await {
+        let message = message.with_context(|| format!("replaying {subject}"))?;
+        let seq = message.info().map_or(0, |i| i.stream_sequence);
+        match decode(&message.payload) {
+            Ok((_, entry)) => {
+                let key = match &entry {
+                    Decoded::Scored(_, _, input) => {
+                        latest = latest.max(*input);
+                        *input
+                    }
+                    Decoded::Labelled(_) => latest,
+                };
+                window.push(Reverse(Ordered { key, seq, entry }));
+                if window.len() > REORDER {
+                    if let Some(Reverse(first)) = window.pop() {
+                        apply(first.entry, &mut report)?;
+                    }
+                }
+            }
             Err(e) => tracing::warn!(seq, error = %format!("{e:#}"), "a ledger entry skipped"),
         }
         if seq >= last {
             break;
         }
+    }
+    while let Some(Reverse(first)) = window.pop() {
+        apply(first.entry, &mut report)?;
     }
     report.took = started.elapsed();
     Ok(report)

@@ -27,48 +27,81 @@ pub fn partition_of(payload: &[u8]) -> usize {
 /// Republishes `messages` in order and acknowledges each once its copy is stored. The copy's
 /// `Nats-Msg-Id` is the input's stream position: a re-delivered input is dropped as a
 /// duplicate.
+///
+/// A copy whose publish fails (lost in a NATS outage, typically) is published again at once,
+/// in order, before the next batch is taken: later transactions of its account may already
+/// have landed, but at most this batch's. Left to come back a second later instead, it would
+/// land behind a second of its account's traffic. After [`ATTEMPTS`] it is left to come back.
 pub async fn route(nats: &Nats, metrics: &Arc<Metrics>, messages: Vec<Message>) {
-    let mut published = Vec::with_capacity(messages.len());
-    for message in messages {
-        let p = partition_of(&message.payload);
-        let Ok(info) = message
-            .info()
-            .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
-        else {
-            continue;
-        };
-        let mut publish = PublishMessage::build()
-            .payload(message.payload.clone())
-            .message_id(info);
-        for name in ["Content-Type", REPLY_HEADER] {
-            if let Some(value) = message.headers.as_ref().and_then(|h| h.get(name)) {
-                publish = publish.header(name, value.as_str());
-            }
-        }
-        let subject = format!("{}.part.{p}", nats.config.prefix);
-        match nats.jetstream.send_publish(subject, publish).await {
-            Ok(ack) => published.push((message, ack)),
-            Err(e) => {
-                tracing::warn!(error = %e, "routing a transaction; it will come back");
-                later(&message).await;
-            }
-        }
-    }
-    for (message, ack) in published {
-        match ack.await {
-            Ok(_) => {
-                metrics.stream_message("transactions", "routed");
-                if let Err(e) = message.ack().await {
-                    tracing::warn!(error = %e, "acknowledging a routed transaction");
+    let copies: Vec<(Message, String, String)> = messages
+        .into_iter()
+        .filter_map(|message| {
+            let id = message
+                .info()
+                .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
+                .ok()?;
+            let p = partition_of(&message.payload);
+            Some((message, format!("{}.part.{p}", nats.config.prefix), id))
+        })
+        .collect();
+    let mut pending: Vec<usize> = (0..copies.len()).collect();
+    let mut delay = std::time::Duration::from_millis(50);
+    for attempt in 1..=ATTEMPTS {
+        let mut acks = Vec::with_capacity(pending.len());
+        let mut failed = Vec::new();
+        for &i in &pending {
+            let (message, subject, id) = &copies[i];
+            let mut publish = PublishMessage::build()
+                .payload(message.payload.clone())
+                .message_id(id.as_str());
+            for name in ["Content-Type", REPLY_HEADER] {
+                if let Some(value) = message.headers.as_ref().and_then(|h| h.get(name)) {
+                    publish = publish.header(name, value.as_str());
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "the partitioned stream did not acknowledge; the transaction will come back");
-                later(&message).await;
+            match nats.jetstream.send_publish(subject.clone(), publish).await {
+                Ok(ack) => acks.push((i, ack)),
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "routing a transaction");
+                    failed.push(i);
+                }
             }
         }
+        // Awaited together: lost publishes cost one ack timeout per batch, not one each.
+        let settled = futures::future::join_all(
+            acks.into_iter()
+                .map(|(i, ack)| async move { (i, ack.await) }),
+        )
+        .await;
+        for (i, result) in settled {
+            match result {
+                Ok(_) => {
+                    metrics.stream_message("transactions", "routed");
+                    if let Err(e) = copies[i].0.ack().await {
+                        tracing::warn!(error = %e, "acknowledging a routed transaction");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "the partitioned stream did not acknowledge a routed transaction");
+                    failed.push(i);
+                }
+            }
+        }
+        failed.sort_unstable();
+        pending = failed;
+        if pending.is_empty() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+    }
+    for i in pending {
+        later(&copies[i].0).await;
     }
 }
+
+/// Publishes of one batch, for a copy that keeps failing, before it is left to come back.
+const ATTEMPTS: u32 = 5;
 
 async fn later(message: &Message) {
     let retry = AckKind::Nak(Some(std::time::Duration::from_secs(1)));

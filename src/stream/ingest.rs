@@ -302,7 +302,8 @@ impl Ingest {
                                 if !traced.outcome.replayed || redelivered =>
                             {
                                 let answer = to_proto(id.clone(), &traced.outcome);
-                                Some(l.scored(p, &id, raw, answer))
+                                let input = message.info().map_or(0, |i| i.stream_sequence);
+                                Some(l.scored(p, &id, raw, answer, input))
                             }
                             _ => None,
                         };
@@ -384,32 +385,37 @@ impl Ingest {
                 }
             }
         }
-        for (message, written, ack, outcome, reply) in published {
-            if let Some(written) = written {
-                if let Err(e) = written.await {
-                    warn!(error = %e, "the ledger did not acknowledge; the message will come back");
-                    self.metrics.stream_message("transactions", "retry");
-                    nak(&message).await;
-                    continue;
-                }
-            }
-            match ack.await {
-                Ok(_) => {
-                    self.metrics.stream_message("transactions", outcome);
-                    if let Err(e) = message.ack().await {
-                        warn!(error = %e, "acknowledging a transaction message");
-                    }
-                    if let Some((to, payload)) = reply {
-                        self.reply(to, payload.into(), None).await;
+        // Awaited together: publishes lost in a NATS outage each wait out the ack timeout,
+        // and one after another a batch of them would stall the consumer for minutes.
+        let settle = published
+            .into_iter()
+            .map(|(message, written, ack, outcome, reply)| async move {
+                if let Some(written) = written {
+                    if let Err(e) = written.await {
+                        warn!(error = %e, "the ledger did not acknowledge; the message will come back");
+                        self.metrics.stream_message("transactions", "retry");
+                        nak(&message).await;
+                        return;
                     }
                 }
-                Err(e) => {
-                    warn!(error = %e, "the decisions stream did not acknowledge; the message will come back");
-                    self.metrics.stream_message("transactions", "retry");
-                    nak(&message).await;
+                match ack.await {
+                    Ok(_) => {
+                        self.metrics.stream_message("transactions", outcome);
+                        if let Err(e) = message.ack().await {
+                            warn!(error = %e, "acknowledging a transaction message");
+                        }
+                        if let Some((to, payload)) = reply {
+                            self.reply(to, payload.into(), None).await;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "the decisions stream did not acknowledge; the message will come back");
+                        self.metrics.stream_message("transactions", "retry");
+                        nak(&message).await;
+                    }
                 }
-            }
-        }
+            });
+        futures::future::join_all(settle).await;
     }
 
     /// Decodes, parses and scores one message without awaiting anything.
