@@ -192,13 +192,7 @@ impl State {
     /// Returns what was known before `tx` and records `tx` in every window it belongs to.
     pub fn observe(&self, tx: &Transaction) -> Snapshot {
         let t = tx.event_time;
-        self.watermark.fetch_max(t, Ordering::Relaxed);
-        let account = self
-            .accounts
-            .map(tx.account)
-            .entry(tx.account)
-            .or_default()
-            .observe(t, tx.amount, tx.merchant);
+        let account = self.observe_in_account(tx);
         let merchant = observe(&self.merchants, tx.merchant, t, tx.amount);
         let device = tx.device.map(|k| observe(&self.devices, k, t, tx.amount));
         let ip = tx.ip.map(|k| observe(&self.ips, k, t, tx.amount));
@@ -214,13 +208,7 @@ impl State {
     /// and IP are only read (they take `tx` when the node follows it in the ledger).
     pub fn observe_account(&self, tx: &Transaction) -> Snapshot {
         let t = tx.event_time;
-        self.watermark.fetch_max(t, Ordering::Relaxed);
-        let account = self
-            .accounts
-            .map(tx.account)
-            .entry(tx.account)
-            .or_default()
-            .observe(t, tx.amount, tx.merchant);
+        let account = self.observe_in_account(tx);
         let view = |map: &Map<EntityState>, key: EntityKey| {
             map.map(key)
                 .get(&key)
@@ -232,6 +220,17 @@ impl State {
             device: tx.device.map(|k| view(&self.devices, k)),
             ip: tx.ip.map(|k| view(&self.ips, k)),
         }
+    }
+
+    /// Records `tx` in its account's windows (and the watermark); what was known before.
+    fn observe_in_account(&self, tx: &Transaction) -> AccountView {
+        let t = tx.event_time;
+        self.watermark.fetch_max(t, Ordering::Relaxed);
+        self.accounts
+            .map(tx.account)
+            .entry(tx.account)
+            .or_default()
+            .observe(t, tx.amount, tx.merchant)
     }
 
     /// A copy of everything, for a snapshot, one partition at a time: `lock` is called before
@@ -320,11 +319,7 @@ impl State {
         let t = tx.event_time;
         self.watermark.fetch_max(t, Ordering::Relaxed);
         if pending.account {
-            self.accounts
-                .map(tx.account)
-                .entry(tx.account)
-                .or_default()
-                .observe(t, tx.amount, tx.merchant);
+            self.observe_in_account(tx);
         }
         if pending.merchant {
             observe(&self.merchants, tx.merchant, t, tx.amount);
