@@ -19,6 +19,7 @@ pub mod engine;
 pub mod export;
 pub mod features;
 pub mod grpc;
+pub mod handbook;
 pub mod ids;
 pub mod journal;
 pub mod metrics;

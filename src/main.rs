@@ -52,6 +52,34 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The fraud handbook's public benchmark (scripts/handbook.sh runs it end to end).
+    #[command(subcommand)]
+    Handbook(HandbookCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum HandbookCommand {
+    /// Convert the book's CSV into train.csv (before 2018-08-01) and replay.csv
+    /// (2018-07-01 .. 08-14) in WORK.
+    Prepare {
+        /// The book's transactions.csv.gz, or the directory holding it.
+        #[arg(long, default_value = "../shared/datasets/handbook")]
+        data: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+    },
+    /// Replay WORK/replay.csv through a running server (ScoreStream, frauds reported 7 days
+    /// late) and print AUC, average precision and card precision@100 on the test week
+    /// 2018-08-08 .. 08-14, cards already known compromised left out.
+    Replay {
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// Bearer token, if the server requires one (or FRAUDGATE_REPLAY_TOKEN).
+        #[arg(long, env = "FRAUDGATE_REPLAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -525,6 +553,38 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn handbook(command: HandbookCommand) -> anyhow::Result<()> {
+    use fraudgate::handbook::{self, Protocol};
+    let protocol = Protocol::default();
+    match command {
+        HandbookCommand::Prepare { data, work } => {
+            let p = handbook::prepare(&data, &work, &protocol)?;
+            println!(
+                "train.csv: {} rows ({} fraud); replay.csv: {} rows ({} fraud); {} zero-amount rows left out",
+                p.train_rows, p.train_frauds, p.replay_rows, p.replay_frauds, p.zero_amount
+            );
+        }
+        HandbookCommand::Replay {
+            work,
+            server,
+            token,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let r = runtime.block_on(handbook::run(&work, &server, token, &protocol))?;
+            println!(
+                "handbook test week {} .. {}: {} payments ({} fraud) after exclusions",
+                r.period[0], r.period[1], r.rows, r.frauds
+            );
+            println!(
+                "AUC ROC {:.4}, average precision {:.4}, card precision@{} {:.4}",
+                r.auc_roc, r.average_precision, r.k, r.card_precision_at_k
+            );
+            println!("report in {}", work.join("report").display());
+        }
+    }
+    Ok(())
+}
+
 fn export_features(args: FeaturesArgs) -> anyhow::Result<()> {
     let model = match &args.model {
         Some(dir) => fraudgate::model::Model::load(dir)?,
@@ -721,5 +781,6 @@ fn main() -> anyhow::Result<()> {
         Command::Features(args) => export_features(args),
         Command::Replay(args) => replay(args),
         Command::Config(ConfigCommand::Check { file }) => check_config(file),
+        Command::Handbook(command) => handbook(command),
     }
 }
