@@ -156,10 +156,11 @@ impl Engine {
                 let mut seq = self.sequencer.lock();
                 *seq += 1;
                 let serving = self.serving.load_full();
+                let delay = serving.model.meta.label_delay_secs;
                 let snapshot = if self.shared_from_ledger() {
-                    self.state.observe_account(tx)
+                    self.state.observe_account(tx, delay)
                 } else {
-                    self.state.observe(tx)
+                    self.state.observe(tx, delay)
                 };
                 let features = features::extract(tx, &snapshot);
                 let mass = serving.model.score_and_learn_anomaly(&features);
@@ -308,9 +309,11 @@ impl Engine {
         let model = self.model();
         let mut next = self.sequencer.lock();
         *next = (*next).max(seq);
-        let snapshot = self
-            .state
-            .replay_observe(tx, cut.state.pending(&TxFacts::of(tx), seq));
+        let snapshot = self.state.replay_observe(
+            tx,
+            cut.state.pending(&TxFacts::of(tx), seq),
+            model.meta.label_delay_secs,
+        );
         if seq > cut.anomaly {
             model.score_and_learn_anomaly(journaled);
         }
@@ -439,7 +442,7 @@ impl Engine {
 
     /// A ledger entry of a scored `tx`: its merchant, device and IP windows take it.
     pub fn apply_remote_scored(&self, tx: &Transaction) {
-        self.state.replay_observe(tx, Pending::SHARED);
+        self.state.replay_observe(tx, Pending::SHARED, 0);
     }
 
     /// A ledger entry of a label: the shared entities' fraud counts take its change.
@@ -452,7 +455,7 @@ impl Engine {
     /// Rebuilding a partition from the ledger: the account's windows take `tx` and the
     /// store takes its answer, so a retry gets it and feedback finds it.
     pub fn rebuild_scored(&self, tx: &Transaction, scored: Arc<Scored>) {
-        self.state.replay_observe(tx, Pending::ACCOUNT);
+        self.state.replay_observe(tx, Pending::ACCOUNT, 0);
         self.restore_transaction(tx, scored, None);
     }
 

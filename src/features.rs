@@ -44,7 +44,7 @@ const fn spec(
 }
 
 /// Number of features.
-pub const N_FEATURES: usize = 29;
+pub const N_FEATURES: usize = 38;
 
 /// A feature vector in [`FEATURES`] order.
 pub type FeatureVector = [f64; N_FEATURES];
@@ -55,6 +55,8 @@ const VEL: &str = "ACCOUNT_VELOCITY";
 const VEL_TEXT: &str = "many payments from this account recently";
 const MFR: &str = "MERCHANT_FRAUD_RATE";
 const MFR_TEXT: &str = "fraud recently reported at this merchant";
+const MKR: &str = "MERCHANT_KNOWN_RISK";
+const MKR_TEXT: &str = "fraud known at this merchant over the period whose labels have arrived";
 const MVOL: &str = "MERCHANT_VOLUME";
 const MVOL_TEXT: &str = "unusual payment volume at this merchant";
 
@@ -173,6 +175,27 @@ pub const FEATURES: [FeatureSpec; N_FEATURES] = [
         Some((0.0, 3.0)),
     ),
     spec(
+        "acct_amount_mean_1d",
+        "ACCOUNT_SPEND_LEVEL",
+        "this account's usual amount",
+        "account's mean amount over the last day (0 with no history)",
+        Some((0.0, 500.0)),
+    ),
+    spec(
+        "acct_amount_mean_7d",
+        "ACCOUNT_SPEND_LEVEL",
+        "this account's usual amount",
+        "account's mean amount over the last 7 days (0 with no history)",
+        Some((0.0, 500.0)),
+    ),
+    spec(
+        "acct_amount_mean_30d",
+        "ACCOUNT_SPEND_LEVEL",
+        "this account's usual amount",
+        "account's mean amount over the last 30 days (0 with no history)",
+        Some((0.0, 500.0)),
+    ),
+    spec(
         "acct_frauds_30d",
         "ACCOUNT_FRAUD_HISTORY",
         "fraud recently reported on this account",
@@ -226,6 +249,48 @@ pub const FEATURES: [FeatureSpec; N_FEATURES] = [
         MFR,
         MFR_TEXT,
         "merchant's payments in the last 30 days reported as fraud so far",
+        None,
+    ),
+    spec(
+        "merch_matured_fraud_rate_1d",
+        MKR,
+        MKR_TEXT,
+        "merchant's frauds / payments on the newest whole day whose labels have matured (the model's label delay ago)",
+        None,
+    ),
+    spec(
+        "merch_matured_fraud_rate_7d",
+        MKR,
+        MKR_TEXT,
+        "the same over the newest 7 matured days",
+        None,
+    ),
+    spec(
+        "merch_matured_fraud_rate_30d",
+        MKR,
+        MKR_TEXT,
+        "the same over the newest 30 matured days",
+        None,
+    ),
+    spec(
+        "merch_early_frauds",
+        MFR,
+        MFR_TEXT,
+        "merchant's payments too recent to have matured that are already reported as fraud",
+        None,
+    ),
+    spec(
+        "merch_days_since_fraud",
+        MKR,
+        MKR_TEXT,
+        "days from today back to the merchant's newest payment day with a reported fraud (64 when none)",
+        None,
+    ),
+    spec(
+        "merch_days_since_first_fraud",
+        MKR,
+        MKR_TEXT,
+        "days from today back to the merchant's oldest payment day with a reported fraud, of the last 64 (64 when none)",
         None,
     ),
     spec(
@@ -312,6 +377,7 @@ pub fn extract(tx: &Transaction, s: &Snapshot) -> FeatureVector {
     let weekday = (tx.event_time.div_euclid(86_400) + 4).rem_euclid(7);
     let acct = &s.account.base.windows;
     let merch = &s.merchant.windows;
+    let risk = &s.merchant_risk;
     [
         amount.ln_1p(),
         secs_of_day / 3_600.0,
@@ -336,6 +402,9 @@ pub fn extract(tx: &Transaction, s: &Snapshot) -> FeatureVector {
             .ln_1p(),
         f64::from(!s.account.seen_merchant),
         s.account.distinct_recent_merchants as f64,
+        acct[1].mean().unwrap_or(0.0),
+        acct[2].mean().unwrap_or(0.0),
+        acct[LONGEST].mean().unwrap_or(0.0),
         acct[LONGEST].frauds as f64,
         merch[0].count as f64,
         merch[1].count as f64,
@@ -344,6 +413,12 @@ pub fn extract(tx: &Transaction, s: &Snapshot) -> FeatureVector {
         merch[2].fraud_rate(),
         merch[LONGEST].fraud_rate(),
         merch[LONGEST].frauds as f64,
+        risk.matured_rate[0],
+        risk.matured_rate[1],
+        risk.matured_rate[2],
+        risk.early_frauds as f64,
+        risk.days_since_newest_fraud as f64,
+        risk.days_since_oldest_fraud as f64,
         ratio(amount, merch[LONGEST].mean()),
         count(s.device.as_ref(), 1),
         fraud_rate(s.device.as_ref(), LONGEST),

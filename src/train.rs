@@ -292,7 +292,7 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
 
     let (_, mut rows) = replay(
         &records,
-        Model::untrained(params.hst),
+        Model::untrained(params.hst, params.label_delay_secs),
         params.label_delay_secs,
         params.progress,
     )?;
@@ -448,6 +448,7 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
             &validation.iter().map(|r| &r.features).collect::<Vec<_>>(),
             &val_scores,
         )),
+        label_delay_secs: params.label_delay_secs,
     };
     let model = Model::from_parts(meta, Some(forest), anomaly.mass())?;
     model

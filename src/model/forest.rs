@@ -56,7 +56,7 @@ impl Default for ForestParams {
 
 /// Most features a forest may split on: the serving walk pads the feature vector to this
 /// power of two, so a masked index needs no bounds check.
-pub const MAX_FEATURES: usize = 32;
+pub const MAX_FEATURES: usize = 64;
 
 /// One node of the serving walk (24 bytes: smaller than [`Node`], so more of the forest stays
 /// in cache). The `yes` child is always the next node (depth-first layout), so only `no` is

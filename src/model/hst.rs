@@ -60,7 +60,7 @@ const fn anomaly_dims() -> usize {
 
 /// Size of the normalised point (a power of two, so masking an index keeps it in bounds);
 /// checked at compile time against the feature table.
-const MAX_DIMS: usize = 32;
+const MAX_DIMS: usize = 64;
 const _: () = assert!(MAX_DIMS.is_power_of_two());
 const _: () = assert!(anomaly_dims() > 0 && anomaly_dims() <= MAX_DIMS);
 

@@ -97,6 +97,16 @@ pub struct ModelMeta {
     /// monitoring (absent in models trained before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<DriftReference>,
+    /// How long fraud labels take to reach the server (chargebacks are late): the
+    /// matured-risk features read the days at least this old. Chosen in `train`
+    /// (`--label-delay`) and kept by every model retrained from this one, so the features
+    /// mean in serving what they meant in training.
+    #[serde(default = "default_label_delay")]
+    pub label_delay_secs: i64,
+}
+
+fn default_label_delay() -> i64 {
+    7 * 86_400
 }
 
 /// `forest.json`: the compiled forest by columns, which keeps the file small.
@@ -176,7 +186,7 @@ pub struct Model {
 impl Model {
     /// A model with no classifier and a fresh anomaly detector: what `train` replays with
     /// before there is anything to fit.
-    pub fn untrained(params: HstParams) -> Model {
+    pub fn untrained(params: HstParams, label_delay_secs: i64) -> Model {
         let meta = ModelMeta {
             format: FORMAT,
             version: "untrained".into(),
@@ -196,6 +206,7 @@ impl Model {
             training: None,
             holdout: None,
             reference: None,
+            label_delay_secs,
         };
         Model {
             version: meta.version.as_str().into(),
@@ -383,7 +394,7 @@ mod tests {
 
     #[test]
     fn model_with_other_features_is_refused() {
-        let mut meta = Model::untrained(HstParams::default()).meta;
+        let mut meta = Model::untrained(HstParams::default(), 7 * 86_400).meta;
         meta.features.swap(0, 1);
         let mass = HalfSpaceTrees::new(HstParams::default()).mass();
         let err = Model::from_parts(meta, None, mass).unwrap_err();

@@ -1,5 +1,6 @@
 //! Per-entity state: the windows plus what an account remembers about where it shops.
 
+use super::daily::{DailyRisk, RiskView};
 use super::window::{Agg, Windows, LONGEST, WINDOWS, WINDOW_SECS};
 use crate::domain::EventTime;
 use crate::ids::EntityKey;
@@ -51,6 +52,46 @@ impl EntityState {
         };
         self.windows.add(t, amount);
         view
+    }
+}
+
+/// A merchant: the windows, and its payments and reported frauds by day (the risk a label
+/// delay lets a scorer know).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MerchantState {
+    pub base: EntityState,
+    pub risk: DailyRisk,
+}
+
+impl MerchantState {
+    /// Newest event time seen, if any.
+    pub fn head(&self) -> Option<EventTime> {
+        self.base.windows.head()
+    }
+
+    /// What [`MerchantState::observe`] would return at `t`, without recording anything.
+    pub fn view(&self, t: EventTime, delay_secs: i64) -> (EntityView, RiskView) {
+        if self.head().is_some_and(|h| t - h > EXPIRY_SECS) {
+            return MerchantState::default().view(t, delay_secs);
+        }
+        (self.base.view(t), self.risk.view(t, delay_secs))
+    }
+
+    /// Returns what was known before `t` (labels arriving `delay_secs` late), then records a
+    /// payment of `amount` at `t`.
+    pub fn observe(&mut self, t: EventTime, amount: f64, delay_secs: i64) -> (EntityView, RiskView) {
+        if self.head().is_some_and(|h| t - h > EXPIRY_SECS) {
+            *self = MerchantState::default();
+        }
+        let risk = self.risk.view(t, delay_secs);
+        self.risk.add(t);
+        (self.base.observe(t, amount), risk)
+    }
+
+    /// A fraud report (+1) or its correction (-1) for a payment at `t`.
+    pub fn add_fraud(&mut self, t: EventTime, delta: i32) {
+        self.base.windows.add_fraud(t, delta);
+        self.risk.add_fraud(t, delta);
     }
 }
 

@@ -6,6 +6,7 @@
 //! Lock order, everywhere: a transaction's entry, then account, merchant, device, IP. No
 //! method holds two entries of the same map.
 
+pub mod daily;
 pub mod entity;
 pub mod partitioned;
 pub mod txstore;
@@ -15,7 +16,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::domain::{EventTime, Transaction};
 use crate::ids::EntityKey;
-use entity::{AccountState, AccountView, EntityState, EntityView, EXPIRY_SECS};
+use daily::RiskView;
+use entity::{AccountState, AccountView, EntityState, EntityView, MerchantState, EXPIRY_SECS};
 use partitioned::{partition, Partitioned, PARTITIONS};
 
 /// How late an event may arrive, relative to the newest event seen anywhere, and still see
@@ -29,6 +31,8 @@ type Map<V> = Partitioned<V>;
 pub struct Snapshot {
     pub account: AccountView,
     pub merchant: EntityView,
+    /// The merchant's reported fraud as known with the model's label delay.
+    pub merchant_risk: RiskView,
     pub device: Option<EntityView>,
     pub ip: Option<EntityView>,
 }
@@ -77,7 +81,7 @@ pub struct PartImage<V> {
 pub struct StateImage {
     pub watermark: i64,
     pub accounts: Vec<PartImage<AccountState>>,
-    pub merchants: Vec<PartImage<EntityState>>,
+    pub merchants: Vec<PartImage<MerchantState>>,
     pub devices: Vec<PartImage<EntityState>>,
     pub ips: Vec<PartImage<EntityState>>,
 }
@@ -174,7 +178,7 @@ impl Cut {
 #[derive(Debug, Default)]
 pub struct State {
     accounts: Map<AccountState>,
-    merchants: Map<EntityState>,
+    merchants: Map<MerchantState>,
     devices: Map<EntityState>,
     ips: Map<EntityState>,
     /// Newest event time seen in any transaction; drives eviction.
@@ -189,16 +193,19 @@ impl State {
         }
     }
 
-    /// Returns what was known before `tx` and records `tx` in every window it belongs to.
-    pub fn observe(&self, tx: &Transaction) -> Snapshot {
+    /// Returns what was known before `tx` (fraud labels arriving `delay_secs` after their
+    /// payment) and records `tx` in every window it belongs to.
+    pub fn observe(&self, tx: &Transaction, delay_secs: i64) -> Snapshot {
         let t = tx.event_time;
         let account = self.observe_in_account(tx);
-        let merchant = observe(&self.merchants, tx.merchant, t, tx.amount);
+        let (merchant, merchant_risk) =
+            observe_merchant(&self.merchants, tx.merchant, t, tx.amount, delay_secs);
         let device = tx.device.map(|k| observe(&self.devices, k, t, tx.amount));
         let ip = tx.ip.map(|k| observe(&self.ips, k, t, tx.amount));
         Snapshot {
             account,
             merchant,
+            merchant_risk,
             device,
             ip,
         }
@@ -206,7 +213,7 @@ impl State {
 
     /// [`State::observe`] for a cluster node: the account records `tx`; its merchant, device
     /// and IP are only read (they take `tx` when the node follows it in the ledger).
-    pub fn observe_account(&self, tx: &Transaction) -> Snapshot {
+    pub fn observe_account(&self, tx: &Transaction, delay_secs: i64) -> Snapshot {
         let t = tx.event_time;
         let account = self.observe_in_account(tx);
         let view = |map: &Map<EntityState>, key: EntityKey| {
@@ -214,9 +221,18 @@ impl State {
                 .get(&key)
                 .map_or_else(|| EntityState::default().view(t), |e| e.view(t))
         };
+        let (merchant, merchant_risk) = self
+            .merchants
+            .map(tx.merchant)
+            .get(&tx.merchant)
+            .map_or_else(
+                || MerchantState::default().view(t, delay_secs),
+                |m| m.view(t, delay_secs),
+            );
         Snapshot {
             account,
-            merchant: view(&self.merchants, tx.merchant),
+            merchant,
+            merchant_risk,
             device: tx.device.map(|k| view(&self.devices, k)),
             ip: tx.ip.map(|k| view(&self.ips, k)),
         }
@@ -266,8 +282,15 @@ impl State {
                 })
             });
         }
+        for p in 0..PARTITIONS {
+            copy(&mut |seq| {
+                merchants.push(PartImage {
+                    seq,
+                    entries: self.merchants.copy_part(p),
+                })
+            });
+        }
         for (map, out) in [
-            (&self.merchants, &mut merchants),
             (&self.devices, &mut devices),
             (&self.ips, &mut ips),
         ] {
@@ -308,13 +331,18 @@ impl State {
     /// [`State::observe`] for a replayed transaction, applied only to the entities in
     /// `pending`. Returns the snapshot when every entity was pending (only then is it what
     /// the transaction saw).
-    pub fn replay_observe(&self, tx: &Transaction, pending: Pending) -> Option<Snapshot> {
+    pub fn replay_observe(
+        &self,
+        tx: &Transaction,
+        pending: Pending,
+        delay_secs: i64,
+    ) -> Option<Snapshot> {
         let everything = pending.account
             && pending.merchant
             && (pending.device || tx.device.is_none())
             && (pending.ip || tx.ip.is_none());
         if everything {
-            return Some(self.observe(tx));
+            return Some(self.observe(tx, delay_secs));
         }
         let t = tx.event_time;
         self.watermark.fetch_max(t, Ordering::Relaxed);
@@ -322,7 +350,7 @@ impl State {
             self.observe_in_account(tx);
         }
         if pending.merchant {
-            observe(&self.merchants, tx.merchant, t, tx.amount);
+            observe_merchant(&self.merchants, tx.merchant, t, tx.amount, delay_secs);
         }
         for (key, map, due) in [
             (tx.device, &self.devices, pending.device),
@@ -350,7 +378,9 @@ impl State {
             }
         }
         if pending.merchant {
-            add_fraud(&self.merchants, facts.merchant, t, delta);
+            if let Some(mut m) = self.merchants.map(facts.merchant).get_mut(&facts.merchant) {
+                m.add_fraud(t, delta);
+            }
         }
         for (key, map, due) in [
             (facts.device, &self.devices, pending.device),
@@ -374,7 +404,8 @@ impl State {
         let before = self.counts();
         let fresh = |h: Option<EventTime>| h.is_some_and(|h| h >= horizon);
         self.accounts.retain(|_, a| fresh(a.windows.head()));
-        for map in [&self.merchants, &self.devices, &self.ips] {
+        self.merchants.retain(|_, m| fresh(m.head()));
+        for map in [&self.devices, &self.ips] {
             map.retain(|_, e| fresh(e.windows.head()));
         }
         let after = self.counts();
@@ -402,6 +433,16 @@ impl State {
 
 fn observe(map: &Map<EntityState>, key: EntityKey, t: EventTime, amount: f64) -> EntityView {
     map.map(key).entry(key).or_default().observe(t, amount)
+}
+
+fn observe_merchant(
+    map: &Map<MerchantState>,
+    key: EntityKey,
+    t: EventTime,
+    amount: f64,
+    delay_secs: i64,
+) -> (EntityView, RiskView) {
+    map.map(key).entry(key).or_default().observe(t, amount, delay_secs)
 }
 
 fn add_fraud(map: &Map<EntityState>, key: EntityKey, t: EventTime, delta: i32) {
