@@ -44,7 +44,7 @@ const fn spec(
 }
 
 /// Number of features.
-pub const N_FEATURES: usize = 38;
+pub const N_FEATURES: usize = 39;
 
 /// A feature vector in [`FEATURES`] order.
 pub type FeatureVector = [f64; N_FEATURES];
@@ -294,6 +294,13 @@ pub const FEATURES: [FeatureSpec; N_FEATURES] = [
         None,
     ),
     spec(
+        "merch_clean_since_fraud",
+        MKR,
+        MKR_TEXT,
+        "merchant's matured payments after its newest payment day with a reported fraud (all matured payments of the last 64 days when none)",
+        None,
+    ),
+    spec(
         "merch_amount_ratio_30d",
         "AMOUNT_HIGH_FOR_MERCHANT",
         "amount is high for this merchant",
@@ -419,6 +426,7 @@ pub fn extract(tx: &Transaction, s: &Snapshot) -> FeatureVector {
         risk.early_frauds as f64,
         risk.days_since_newest_fraud as f64,
         risk.days_since_oldest_fraud as f64,
+        risk.clean_since_fraud as f64,
         ratio(amount, merch[LONGEST].mean()),
         count(s.device.as_ref(), 1),
         fraud_rate(s.device.as_ref(), LONGEST),

@@ -275,6 +275,38 @@ pub fn rfc3339(t: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Fits a forest on `rows`: every fraud, legitimate rows sampled down to
+/// `params.max_fit_rows` in all and weighted back up. Returns it with the rows and frauds
+/// it was fitted on.
+fn fit_forest(
+    rows: &[&Replayed],
+    params: &TrainParams,
+) -> anyhow::Result<(CompiledForest, usize, usize)> {
+    let frauds = rows.iter().filter(|r| r.fraud).count();
+    anyhow::ensure!(frauds > 0, "no fraud in the fitting period: nothing to learn from");
+    let legit = rows.len() - frauds;
+    let keep = if legit == 0 {
+        1.0
+    } else {
+        ((params.max_fit_rows.saturating_sub(frauds)) as f64 / legit as f64).min(1.0)
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(params.forest.seed);
+    let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        if r.fraud || rng.gen::<f64>() < keep {
+            x.extend_from_slice(&r.features);
+            y.push(f64::from(r.fraud));
+            w.push(if r.fraud { 1.0 } else { 1.0 / keep });
+        }
+    }
+    let model = fit_smartcore(&x, N_FEATURES, &y, Some(&w), &params.forest)?;
+    Ok((
+        CompiledForest::from_smartcore(&model, N_FEATURES)?,
+        y.len(),
+        frauds,
+    ))
+}
+
 /// Runs a whole training: read, replay, fit, evaluate, write.
 pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
     let started = Instant::now();
@@ -341,40 +373,19 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         .map(|i| masses[(i * (masses.len() - 1)) / 256])
         .collect();
 
-    // Fitting set: every fraud, legitimate rows sampled and weighted back up.
     let fit: Vec<&Replayed> = rows
         .iter()
         .filter(|r| r.time >= burn_in_end && r.time < validation_from)
         .collect();
-    let fit_frauds = fit.iter().filter(|r| r.fraud).count();
-    let legit = fit.len() - fit_frauds;
-    let keep = if legit == 0 {
-        1.0
-    } else {
-        ((params.max_fit_rows.saturating_sub(fit_frauds)) as f64 / legit as f64).min(1.0)
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(params.forest.seed);
-    let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
-    for r in &fit {
-        if r.fraud || rng.gen::<f64>() < keep {
-            x.extend_from_slice(&r.features);
-            y.push(f64::from(r.fraud));
-            w.push(if r.fraud { 1.0 } else { 1.0 / keep });
-        }
-    }
-    anyhow::ensure!(
-        fit_frauds > 0,
-        "no fraud in the fitting period: nothing to learn from"
-    );
     if params.progress {
         eprintln!(
-            "fitting {} trees on {} rows ({fit_frauds} fraud)...",
+            "fitting {} trees on up to {} of {} rows...",
             params.forest.n_trees,
-            y.len()
+            params.max_fit_rows,
+            fit.len()
         );
     }
-    let smartcore_model = fit_smartcore(&x, N_FEATURES, &y, Some(&w), &params.forest)?;
-    let forest = CompiledForest::from_smartcore(&smartcore_model, N_FEATURES)?;
+    let (forest, _, _) = fit_forest(&fit, params)?;
 
     let score_of = |r: &Replayed, weight: f64| {
         let a = Model::anomaly_of_mass(&quantiles, r.mass);
@@ -412,6 +423,23 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         .collect();
     let hold_metrics = metrics(&hold_scores, &hold_truth);
 
+    // The served forest: the same settings refitted on every row whose label has matured
+    // by the end of the input (fitting, validation and holdout periods alike), so it knows
+    // the newest patterns. The figures above are those of the forest fitted before the
+    // validation period: the refitted one has no unseen period left to be measured on.
+    let matured: Vec<&Replayed> = rows
+        .iter()
+        .filter(|r| r.time >= burn_in_end && r.time <= last - params.label_delay_secs)
+        .collect();
+    if params.progress {
+        eprintln!(
+            "refitting on up to {} of {} matured rows...",
+            params.max_fit_rows,
+            matured.len()
+        );
+    }
+    let (forest, fitted_rows, fitted_frauds) = fit_forest(&matured, params)?;
+
     let version = model_version(&forest, last)?;
     let summary = TrainingSummary {
         input: params.input.display().to_string(),
@@ -419,8 +447,8 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         frauds: total_frauds,
         period: [rfc3339(first), rfc3339(last)],
         label_delay_secs: params.label_delay_secs,
-        fitted_rows: y.len(),
-        fitted_frauds: fit_frauds,
+        fitted_rows,
+        fitted_frauds,
         validation_from: rfc3339(validation_from),
         holdout_from: rfc3339(holdout_from),
     };

@@ -33,6 +33,9 @@ pub struct RiskView {
     /// reported as fraud, or [`DAYS`] when none is known.
     pub days_since_newest_fraud: u32,
     pub days_since_oldest_fraud: u32,
+    /// Matured payments after the newest day holding a reported fraud (all matured payments
+    /// kept when none is known): how long the merchant has been clean, in payments.
+    pub clean_since_fraud: u32,
 }
 
 /// Per-day payment and fraud counts over the last [`DAYS`] days (392 bytes).
@@ -133,7 +136,14 @@ impl DailyRisk {
         for day in (self.head - DAYS as i64 + 1)..=self.head.min(today) {
             let f = self.frauds[slot(day)];
             if f == 0 {
+                if day <= matured {
+                    view.clean_since_fraud =
+                        view.clean_since_fraud.saturating_add(self.count[slot(day)]);
+                }
                 continue;
+            }
+            if day <= matured {
+                view.clean_since_fraud = 0;
             }
             let age = (today - day).clamp(0, DAYS as i64) as u32;
             view.days_since_newest_fraud = view.days_since_newest_fraud.min(age);
@@ -188,6 +198,13 @@ mod tests {
             view.days_since_oldest_fraud = (today - oldest).min(DAYS as i64) as u32;
         }
         view.early_frauds = fraud_days.iter().filter(|&&d| d > matured).count() as u32;
+        let newest_matured_fraud = fraud_days.iter().filter(|&&d| d <= matured).max();
+        view.clean_since_fraud = events
+            .iter()
+            .map(|e| e.0.div_euclid(DAY))
+            .filter(|&d| kept(d) && d <= matured && d <= today)
+            .filter(|&d| newest_matured_fraud.is_none_or(|&n| d > n))
+            .count() as u32;
         view
     }
 
