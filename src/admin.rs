@@ -111,6 +111,7 @@ impl ModelAdmin {
         &self,
         promote_if_better: bool,
         min_improvement: Option<f64>,
+        by: &str,
     ) -> Result<Retrained, AdminError> {
         let _one = self.training.try_lock().map_err(|_| AdminError::Busy)?;
         let (Some(db), Some(journal)) = (&self.journal_db, self.node.journal()) else {
@@ -152,9 +153,9 @@ impl ModelAdmin {
         );
         let promoted = promote_if_better && better;
         if promoted {
-            self.promote(&model.version).await?;
+            self.promote(&model.version, by).await?;
         }
-        tracing::info!(version = %model.version, promoted, %verdict, "retrained");
+        tracing::info!(version = %model.version, promoted, %verdict, by, "retrained");
         Ok(Retrained {
             model,
             evaluation,
@@ -163,19 +164,20 @@ impl ModelAdmin {
         })
     }
 
-    /// Serves `version` from the next request on.
-    pub async fn promote(&self, version: &str) -> Result<Arc<Model>, AdminError> {
+    /// Serves `version` from the next request on; `by` (a token's name) is recorded.
+    pub async fn promote(&self, version: &str, by: &str) -> Result<Arc<Model>, AdminError> {
         let registry = Arc::clone(&self.registry);
         let wanted = version.to_owned();
         let model = tokio::task::spawn_blocking(move || registry.load(&wanted))
             .await
             .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?
             .map_err(|_| AdminError::UnknownModel(version.to_owned()))?;
-        self.swap(model, |r, v| r.promoted(v)).await
+        let by = by.to_owned();
+        self.swap(model, move |r, v| r.promoted(v, &by)).await
     }
 
-    /// Serves the model promoted before the current one.
-    pub async fn rollback(&self) -> Result<Arc<Model>, AdminError> {
+    /// Serves the model promoted before the current one; `by` is recorded.
+    pub async fn rollback(&self, by: &str) -> Result<Arc<Model>, AdminError> {
         let previous = self.registry.previous().ok_or_else(|| {
             AdminError::Precondition("no earlier promoted model to roll back to".into())
         })?;
@@ -185,7 +187,8 @@ impl ModelAdmin {
             .await
             .map_err(|e| anyhow::anyhow!("loading the model: {e}"))??;
         let current = self.node.engine().model().version.to_string();
-        self.swap(model, move |r, _| r.rolled_back(&current)).await
+        let by = by.to_owned();
+        self.swap(model, move |r, _| r.rolled_back(&current, &by)).await
     }
 
     /// Swaps the engine's model and records it in the registry (a file write, off the

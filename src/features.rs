@@ -44,7 +44,7 @@ const fn spec(
 }
 
 /// Number of features.
-pub const N_FEATURES: usize = 39;
+pub const N_FEATURES: usize = 41;
 
 /// A feature vector in [`FEATURES`] order.
 pub type FeatureVector = [f64; N_FEATURES];
@@ -173,6 +173,20 @@ pub const FEATURES: [FeatureSpec; N_FEATURES] = [
         "many different merchants recently",
         "distinct merchants among the account's last 3 payments",
         Some((0.0, 3.0)),
+    ),
+    spec(
+        "acct_amount_ratio_before_7d",
+        AMT,
+        AMT_TEXT,
+        "amount / account's mean amount in the 30-day window before its 7-day window, history a recent compromise has not reached (1 with none)",
+        Some((0.0, 10.0)),
+    ),
+    spec(
+        "acct_amount_mean_before_7d",
+        "ACCOUNT_SPEND_LEVEL",
+        "this account's usual amount",
+        "account's mean amount in the 30-day window before its 7-day window (0 with none)",
+        Some((0.0, 500.0)),
     ),
     spec(
         "acct_amount_mean_1d",
@@ -385,6 +399,7 @@ pub fn extract(tx: &Transaction, s: &Snapshot) -> FeatureVector {
     let acct = &s.account.base.windows;
     let merch = &s.merchant.windows;
     let risk = &s.merchant_risk;
+    let older = acct[LONGEST].minus(&acct[2]);
     [
         amount.ln_1p(),
         secs_of_day / 3_600.0,
@@ -409,6 +424,8 @@ pub fn extract(tx: &Transaction, s: &Snapshot) -> FeatureVector {
             .ln_1p(),
         f64::from(!s.account.seen_merchant),
         s.account.distinct_recent_merchants as f64,
+        ratio(amount, older.mean()),
+        older.mean().unwrap_or(0.0),
         acct[1].mean().unwrap_or(0.0),
         acct[2].mean().unwrap_or(0.0),
         acct[LONGEST].mean().unwrap_or(0.0),

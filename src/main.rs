@@ -169,8 +169,9 @@ struct ServeArgs {
     /// Journal rows older than this are deleted ("off" keeps everything).
     #[arg(long, value_parser = duration_or_off, default_value = "90d")]
     journal_retention: DurationOrOff,
-    /// File of bearer tokens (one per line) that calls to the scoring service must carry;
-    /// or set FRAUDGATE_TOKENS (comma-separated). Default: no authentication.
+    /// File of bearer tokens (one per line, `name:token` or the token alone) that calls to
+    /// the scoring service must carry; or set FRAUDGATE_TOKENS (comma-separated). Scoring
+    /// tokens never open ModelAdmin. Default: no authentication.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// `enforce` answers the decisions; `shadow` scores, journals and counts them as usual
@@ -200,8 +201,9 @@ struct ServeArgs {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// File of tokens (one per line) the ModelAdmin service requires instead of the
-    /// scoring tokens. Default: the scoring tokens, if any.
+    /// File of admin tokens (one per line, `name:token` or the token alone) that open the
+    /// ModelAdmin service; the name is recorded with each change. Without it, ModelAdmin is
+    /// refused whenever scoring tokens are set (and open when no tokens are set at all).
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
     /// Retrain from the journal this often and promote a challenger that beats the
@@ -469,7 +471,7 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
         tokens: match (&args.token_file, std::env::var("FRAUDGATE_TOKENS")) {
             (Some(path), _) => Some(fraudgate::grpc::auth::Tokens::from_file(path)?),
             (None, Ok(list)) => {
-                Some(fraudgate::grpc::auth::Tokens::parse(&list).context("FRAUDGATE_TOKENS")?)
+                Some(fraudgate::grpc::auth::Tokens::parse_list(&list).context("FRAUDGATE_TOKENS")?)
             }
             (None, Err(_)) => None,
         },
@@ -732,6 +734,19 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     println!(
         "# {}: ok; the settings `serve --config` would run with here",
         file.display()
+    );
+    let roles = |t: &Option<fraudgate::grpc::auth::Tokens>| match t {
+        Some(t) => format!("{} token(s): {}", t.names().len(), t.names().join(", ")),
+        None => "none".to_owned(),
+    };
+    println!("# scoring role (FraudScorer): {}", roles(&config.tokens));
+    println!(
+        "# admin role (ModelAdmin): {}",
+        match (&config.admin_tokens, &config.tokens) {
+            (None, Some(_)) => "none: ModelAdmin calls are refused (PERMISSION_DENIED)".to_owned(),
+            (None, None) => "none: open, as everything (no tokens configured)".to_owned(),
+            (admin, _) => roles(admin),
+        }
     );
     let root = Cli::command();
     for arg in root.get_arguments().chain(settings.get_arguments()) {

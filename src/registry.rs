@@ -31,11 +31,31 @@ pub struct ModelEntry {
     pub evaluation: Option<Evaluation>,
 }
 
+/// One change of the model served: what, when, and who asked (the name of the admin token,
+/// never the token; `startup` or `scheduled` when the server itself made it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Wall-clock time, RFC 3339.
+    pub at: String,
+    /// `promote` or `rollback`.
+    pub action: String,
+    /// The version served after the change.
+    pub version: String,
+    pub by: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct RegistryFile {
     /// Versions in the order they were promoted; the last is current.
     history: Vec<String>,
     models: BTreeMap<String, ModelEntry>,
+    /// Every promotion and rollback, oldest first: the audit trail.
+    #[serde(default)]
+    changes: Vec<Change>,
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// See the module comment.
@@ -117,16 +137,20 @@ impl ModelRegistry {
             ModelEntry {
                 version,
                 source: source.into(),
-                registered_at: chrono::Utc::now()
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                registered_at: now(),
                 evaluation,
             },
         );
         self.persist(&state.0)
     }
 
-    /// Records `version` as promoted (now current).
-    pub fn promoted(&self, version: &str) -> anyhow::Result<()> {
+    /// Every promotion and rollback, oldest first.
+    pub fn changes(&self) -> Vec<Change> {
+        self.state.lock().0.changes.clone()
+    }
+
+    /// Records `version` as promoted (now current) at the request of `by`.
+    pub fn promoted(&self, version: &str, by: &str) -> anyhow::Result<()> {
         let mut state = self.state.lock();
         anyhow::ensure!(
             state.0.models.contains_key(version),
@@ -134,6 +158,12 @@ impl ModelRegistry {
         );
         if state.0.history.last().map(String::as_str) != Some(version) {
             state.0.history.push(version.to_owned());
+            state.0.changes.push(Change {
+                at: now(),
+                action: "promote".into(),
+                version: version.to_owned(),
+                by: by.to_owned(),
+            });
         }
         self.persist(&state.0)
     }
@@ -145,14 +175,22 @@ impl ModelRegistry {
         (h.len() >= 2).then(|| h[h.len() - 2].clone())
     }
 
-    /// Drops the current version from the history (after a rollback to the previous one).
-    pub fn rolled_back(&self, from: &str) -> anyhow::Result<()> {
+    /// Drops the current version from the history (after a rollback to the previous one, at
+    /// the request of `by`).
+    pub fn rolled_back(&self, from: &str, by: &str) -> anyhow::Result<()> {
         let mut state = self.state.lock();
         anyhow::ensure!(
             state.0.history.last().map(String::as_str) == Some(from) && state.0.history.len() >= 2,
             "{from:?} is not current, or there is nothing to roll back to"
         );
         state.0.history.pop();
+        let version = state.0.history.last().cloned().unwrap_or_default();
+        state.0.changes.push(Change {
+            at: now(),
+            action: "rollback".into(),
+            version,
+            by: by.to_owned(),
+        });
         self.persist(&state.0)
     }
 

@@ -4,6 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use crate::admin::{AdminError, ModelAdmin, ModelStatus};
 use crate::domain::Decision;
 use crate::features;
@@ -153,6 +154,7 @@ impl model_admin_server::ModelAdmin for AdminService {
         request: Request<proto::RetrainRequest>,
     ) -> Result<Response<proto::RetrainResponse>, Status> {
         let admin = self.admin()?;
+        let by = Caller::name_of(&request);
         let req = request.into_inner();
         if let Some(m) = req.min_improvement {
             if !m.is_finite() {
@@ -162,7 +164,7 @@ impl model_admin_server::ModelAdmin for AdminService {
             }
         }
         let done = admin
-            .retrain(req.promote_if_better, req.min_improvement)
+            .retrain(req.promote_if_better, req.min_improvement, &by)
             .await
             .map_err(status)?;
         let entry = admin.registry().entry(&done.model.version);
@@ -178,20 +180,24 @@ impl model_admin_server::ModelAdmin for AdminService {
         request: Request<proto::PromoteRequest>,
     ) -> Result<Response<proto::ModelStatus>, Status> {
         let admin = self.admin()?;
+        let by = Caller::name_of(&request);
         let version = request.into_inner().version;
         if version.is_empty() {
             return Err(Status::invalid_argument("version: required"));
         }
-        admin.promote(&version).await.map_err(status)?;
+        admin.promote(&version, &by).await.map_err(status)?;
         Ok(Response::new(model_status(admin, admin.current())))
     }
 
     async fn rollback(
         &self,
-        _: Request<proto::RollbackRequest>,
+        request: Request<proto::RollbackRequest>,
     ) -> Result<Response<proto::ModelStatus>, Status> {
         let admin = self.admin()?;
-        admin.rollback().await.map_err(status)?;
+        admin
+            .rollback(&Caller::name_of(&request))
+            .await
+            .map_err(status)?;
         Ok(Response::new(model_status(admin, admin.current())))
     }
 }

@@ -1,4 +1,4 @@
-//! One tracing span per request: the RPC, transaction id, account, decision, status code and
+//! One tracing span per request: the RPC, the caller (its token's name), transaction id, account, decision, status code and
 //! latency, closed by a `debug` event ("answered"). At the default `info` level the span is
 //! disabled and costs a branch; `RUST_LOG=fraudgate=debug` turns on one line per request.
 //! Warnings raised while a request runs carry its span.
@@ -42,12 +42,23 @@ impl RequestLog {
         tracing::debug_span!(
             "request",
             rpc,
+            caller = Empty,
             transaction_id = Empty,
             account = Empty,
             decision = Empty,
             code = Empty,
             latency_us = Empty
         )
+    }
+
+    /// Records the name of the token the call came with (never the token).
+    pub fn caller<T>(&self, span: &Span, request: &tonic::Request<T>) {
+        if span.is_disabled() {
+            return;
+        }
+        if let Some(c) = request.extensions().get::<super::auth::Caller>() {
+            span.record("caller", &*c.0);
+        }
     }
 
     /// Records which transaction the call is about.

@@ -20,7 +20,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use super::admin::AdminService;
-use super::auth::Tokens;
+use super::auth::{Access, Role, Tokens};
 use super::lifecycle::{snapshot_periodically, start_node, write_snapshot, DataDir};
 use super::parse;
 use super::request_log::RequestLog;
@@ -87,7 +87,8 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
     /// Log account ids as keyed hashes, not as sent.
     pub redact: bool,
-    /// Tokens the ModelAdmin service requires (none: the scoring tokens, if any).
+    /// Tokens the ModelAdmin service requires (none: admin calls are refused if there are
+    /// scoring tokens, open if there are none).
     pub admin_tokens: Option<Tokens>,
     /// How retraining from the journal fits and judges a challenger.
     pub retrain: RetrainParams,
@@ -155,7 +156,7 @@ pub fn build_engine(config: &ServeConfig, registry: &ModelRegistry) -> anyhow::R
     };
     registry.register(Arc::clone(&model), "startup", None)?;
     if registry.current().as_deref() != Some(&*model.version) {
-        registry.promoted(&model.version)?;
+        registry.promoted(&model.version, "startup")?;
     }
     let policy = match &config.policy {
         Some(path) => Policy::load(path, model.meta.thresholds)?,
@@ -266,28 +267,33 @@ pub async fn run(
         gateway_cell.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    // Without tokens every call is admitted; the interceptor is there either way so the
-    // service has one type.
-    let tokens = config.tokens.clone();
+    // Without tokens every call is admitted; the interceptors are there either way so the
+    // services have one type.
+    let access = Access {
+        scoring: config.tokens.clone(),
+        admin: config.admin_tokens.clone(),
+    };
+    if access.is_open() && !addr.ip().is_loopback() {
+        warn!(
+            %addr,
+            "NO AUTHENTICATION: every client that reaches this address may score and change              the model; give --token-file and --admin-token-file"
+        );
+    }
     let refusals = Arc::clone(&metrics);
-    let scorer =
-        tonic::service::interceptor::InterceptedService::new(scorer, move |req| match &tokens {
-            Some(t) => t.check(req).inspect_err(|_| refusals.unauthenticated()),
-            None => Ok(req),
-        });
+    let scoring_access = access.clone();
+    let scorer = tonic::service::interceptor::InterceptedService::new(scorer, move |req| {
+        scoring_access
+            .check(Role::Scoring, req)
+            .inspect_err(|_| refusals.unauthenticated())
+    });
     let admin_cell: Arc<OnceLock<Arc<ModelAdmin>>> = Arc::new(OnceLock::new());
-    let admin_tokens = config
-        .admin_tokens
-        .clone()
-        .or_else(|| config.tokens.clone());
     let admin_refusals = Arc::clone(&metrics);
     let admin_service = tonic::service::interceptor::InterceptedService::new(
         ModelAdminServer::new(AdminService::new(Arc::clone(&admin_cell))),
-        move |req| match &admin_tokens {
-            Some(t) => t
-                .check(req)
-                .inspect_err(|_| admin_refusals.unauthenticated()),
-            None => Ok(req),
+        move |req| {
+            access
+                .check(Role::Admin, req)
+                .inspect_err(|_| admin_refusals.unauthenticated())
         },
     );
     let mut builder = Server::builder();
@@ -456,7 +462,7 @@ async fn retrain_periodically(admin: Arc<ModelAdmin>, every: Duration) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        if let Err(e) = admin.retrain(true, None).await {
+        if let Err(e) = admin.retrain(true, None, "scheduled").await {
             warn!(error = %e, "scheduled retraining did not produce a challenger");
         }
     }

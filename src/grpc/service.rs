@@ -10,6 +10,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, Span};
 
 use super::parse::{self, FieldError, ParseLimits};
+use super::auth::Caller;
 use super::request_log::RequestLog;
 use crate::cluster::gateway::Gateway;
 use crate::domain::{Decision, Label, ScoreOutcome};
@@ -318,6 +319,7 @@ impl FraudScorer for ScorerService {
     ) -> Result<Response<proto::ScoreResponse>, Status> {
         let started = Instant::now();
         let span = self.log.span("Score");
+        self.log.caller(&span, &request);
         let mut decision = None;
         let result = async {
             let node = self.node()?;
@@ -351,6 +353,7 @@ impl FraudScorer for ScorerService {
     ) -> Result<Response<Self::ScoreStreamStream>, Status> {
         let node = Arc::clone(self.node()?);
         let service = self.clone();
+        let caller = request.extensions().get::<Caller>().cloned();
         // Each request is scored as soon as it arrives and answered in order; nothing is
         // buffered waiting for later requests.
         let responses = request.into_inner().then(move |item| {
@@ -358,11 +361,15 @@ impl FraudScorer for ScorerService {
             let limits = service.limits();
             let metrics = Arc::clone(&service.metrics);
             let cluster = service.cluster.clone();
+            let caller = caller.clone();
             async move {
                 let started = Instant::now();
                 match item {
                     Ok(req) => {
                         let span = service.log.span("ScoreStream");
+                        if let (false, Some(c)) = (span.is_disabled(), &caller) {
+                            span.record("caller", &*c.0);
+                        }
                         service.log.transaction(&span, req.transaction.as_ref());
                         let mut decision = None;
                         let resp = match gateway_of(&cluster) {
@@ -403,6 +410,7 @@ impl FraudScorer for ScorerService {
     ) -> Result<Response<proto::ReportFeedbackResponse>, Status> {
         let started = Instant::now();
         let span = self.log.span("ReportFeedback");
+        self.log.caller(&span, &request);
         let result = async {
             let node = self.node()?;
             let raw = request.into_inner();

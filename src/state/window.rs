@@ -66,6 +66,28 @@ impl Agg {
         Some(var.max(0.0).sqrt())
     }
 
+    /// The part of this window not in `newer`, a shorter window at the same time (whose
+    /// transactions this one holds too): counts and sums subtracted, the maximum unknown
+    /// (0).
+    pub fn minus(&self, newer: &Agg) -> Agg {
+        let count = self.count.saturating_sub(newer.count);
+        let (sum, sumsq) = if count == 0 {
+            (0.0, 0.0)
+        } else {
+            (
+                (self.sum - newer.sum).max(0.0),
+                (self.sumsq - newer.sumsq).max(0.0),
+            )
+        };
+        Agg {
+            count,
+            frauds: self.frauds.saturating_sub(newer.frauds),
+            sum,
+            sumsq,
+            max: 0.0,
+        }
+    }
+
     /// Share of the window's transactions reported as fraud, in [0, 1].
     pub fn fraud_rate(&self) -> f64 {
         if self.count == 0 {
