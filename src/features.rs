@@ -44,7 +44,7 @@ const fn spec(
 }
 
 /// Number of features.
-pub const N_FEATURES: usize = 41;
+pub const N_FEATURES: usize = 42;
 
 /// A feature vector in [`FEATURES`] order.
 pub type FeatureVector = [f64; N_FEATURES];
@@ -315,6 +315,13 @@ pub const FEATURES: [FeatureSpec; N_FEATURES] = [
         None,
     ),
     spec(
+        "merch_fraud_share_since_first",
+        MKR,
+        MKR_TEXT,
+        "merchant's known frauds since its oldest payment day with one / its payments from that day to the maturity edge (at most 1; 0 when none)",
+        None,
+    ),
+    spec(
         "merch_amount_ratio_30d",
         "AMOUNT_HIGH_FOR_MERCHANT",
         "amount is high for this merchant",
@@ -444,6 +451,7 @@ pub fn extract(tx: &Transaction, s: &Snapshot) -> FeatureVector {
         risk.days_since_newest_fraud as f64,
         risk.days_since_oldest_fraud as f64,
         risk.clean_since_fraud as f64,
+        risk.fraud_share_since_first,
         ratio(amount, merch[LONGEST].mean()),
         count(s.device.as_ref(), 1),
         fraud_rate(s.device.as_ref(), LONGEST),

@@ -36,6 +36,10 @@ pub struct RiskView {
     /// Matured payments after the newest day holding a reported fraud (all matured payments
     /// kept when none is known): how long the merchant has been clean, in payments.
     pub clean_since_fraud: u32,
+    /// Known frauds from the oldest day holding one on / payments from that day up to the
+    /// day of the maturity edge (`t - delay`), at most 1: how consistently the merchant has
+    /// been defrauded since fraud appeared (0 when none is known).
+    pub fraud_share_since_first: f64,
 }
 
 /// Per-day payment and fraud counts over the last [`DAYS`] days (392 bytes).
@@ -133,8 +137,16 @@ impl DailyRisk {
                 w += 1;
             }
         }
+        let edge = (t - delay_secs.max(0)).div_euclid(DAY);
+        let (mut since_first_payments, mut since_first_frauds) = (0u64, 0u64);
         for day in (self.head - DAYS as i64 + 1)..=self.head.min(today) {
             let f = self.frauds[slot(day)];
+            if f > 0 || since_first_frauds > 0 {
+                since_first_frauds += u64::from(f);
+                if day <= edge {
+                    since_first_payments += u64::from(self.count[slot(day)]);
+                }
+            }
             if f == 0 {
                 if day <= matured {
                     view.clean_since_fraud =
@@ -153,6 +165,10 @@ impl DailyRisk {
             if day > matured {
                 view.early_frauds += u32::from(f);
             }
+        }
+        if since_first_frauds > 0 {
+            view.fraud_share_since_first =
+                (since_first_frauds as f64 / since_first_payments.max(1) as f64).min(1.0);
         }
         view
     }
@@ -198,6 +214,16 @@ mod tests {
             view.days_since_oldest_fraud = (today - oldest).min(DAYS as i64) as u32;
         }
         view.early_frauds = fraud_days.iter().filter(|&&d| d > matured).count() as u32;
+        if let Some(&first) = fraud_days.iter().min() {
+            let edge = (t - delay).div_euclid(DAY);
+            let payments = events
+                .iter()
+                .map(|e| e.0.div_euclid(DAY))
+                .filter(|&d| kept(d) && d >= first && d <= edge && d <= today)
+                .count();
+            view.fraud_share_since_first =
+                (fraud_days.len() as f64 / payments.max(1) as f64).min(1.0);
+        }
         let newest_matured_fraud = fraud_days.iter().filter(|&&d| d <= matured).max();
         view.clean_since_fraud = events
             .iter()
