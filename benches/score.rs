@@ -73,18 +73,18 @@ fn bench(c: &mut Criterion) {
 
     let state = State::new();
     for tx in &txs[..WARM] {
-        state.observe(tx);
+        state.observe(tx, 7 * 86_400);
     }
     c.bench_function("stage: state observe (read + update windows)", |b| {
         b.iter_batched(
             &mut fresh_tx,
-            |tx| black_box(state.observe(&tx)),
+            |tx| black_box(state.observe(&tx, 7 * 86_400)),
             criterion::BatchSize::SmallInput,
         )
     });
 
     let tx = txs[WARM].clone();
-    let snapshot = state.observe(&tx);
+    let snapshot = state.observe(&tx, 7 * 86_400);
     c.bench_function("stage: features extract", |b| {
         b.iter(|| black_box(features::extract(black_box(&tx), black_box(&snapshot))))
     });

@@ -1,5 +1,6 @@
 //! Bytes of state per account at 10^6 accounts: one payment each from a million accounts
-//! (at 1,000 merchants), heap bytes counted by a counting allocator.
+//! (at 1,000 merchants), heap bytes counted by a counting allocator; then bytes per merchant
+//! at 10^5 merchants (one account paying each once).
 //!
 //!     cargo bench --bench state_memory
 
@@ -65,7 +66,7 @@ fn main() {
             device: None,
             ip: None,
         };
-        state.observe(&tx);
+        state.observe(&tx, 7 * 86_400);
     }
     let bytes = LIVE.load(Ordering::Relaxed) - before;
     let rss_bytes = rss().zip(rss_before).map(|(a, b)| a.saturating_sub(b));
@@ -85,4 +86,36 @@ fn main() {
             r as f64 / ACCOUNTS as f64
         );
     }
+    drop(state);
+
+    const MANY_MERCHANTS: u64 = 100_000;
+    let state = State::new();
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 0..MANY_MERCHANTS {
+        let tx = Transaction {
+            id: String::new(),
+            key: i as u128,
+            account: entity_key(EntityKind::Account, 1u64.to_le_bytes()),
+            merchant: entity_key(EntityKind::Merchant, i.to_le_bytes()),
+            amount_minor: 1_000,
+            currency: *b"EUR",
+            amount: 10.0,
+            event_time: 1_735_689_600 + i as i64,
+            event_nanos: 0,
+            channel: Channel::CardPresent,
+            mcc: None,
+            country: None,
+            device: None,
+            ip: None,
+        };
+        state.observe(&tx, 7 * 86_400);
+    }
+    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    assert_eq!(state.counts().merchants as u64, MANY_MERCHANTS);
+    println!(
+        "state_memory: {} merchants: {:.1} MB of state, {:.0} bytes per merchant",
+        MANY_MERCHANTS,
+        bytes as f64 / 1e6,
+        bytes as f64 / MANY_MERCHANTS as f64
+    );
 }

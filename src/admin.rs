@@ -188,7 +188,8 @@ impl ModelAdmin {
             .map_err(|e| anyhow::anyhow!("loading the model: {e}"))??;
         let current = self.node.engine().model().version.to_string();
         let by = by.to_owned();
-        self.swap(model, move |r, _| r.rolled_back(&current, &by)).await
+        self.swap(model, move |r, _| r.rolled_back(&current, &by))
+            .await
     }
 
     /// Swaps the engine's model and records it in the registry (a file write, off the

@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use crate::domain::{Channel, Transaction};
+use crate::error::Usage;
 use crate::grpc::parse::{self, ParseLimits};
 use crate::proto;
 
@@ -41,6 +42,8 @@ pub struct Record {
     pub tx: Transaction,
     /// `Some(true)` fraud, `Some(false)` legitimate, `None` unknown.
     pub label: Option<bool>,
+    /// Line of the row in its file (0 when it came from elsewhere), for error messages.
+    pub line: u64,
 }
 
 /// CSV name of a channel.
@@ -125,8 +128,9 @@ pub struct LabelledRequest {
 
 /// Reads a labelled CSV and validates every row. Errors name the line and the column.
 pub fn read(path: &Path) -> anyhow::Result<Vec<Record>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    read_from(file).with_context(|| format!("reading {}", path.display()))
+    let file =
+        std::fs::File::open(path).with_context(|| Usage(format!("opening {}", path.display())))?;
+    read_from(file).with_context(|| Usage(format!("reading {}", path.display())))
 }
 
 /// [`read`] from any reader: each row through the same validation as a gRPC request.
@@ -137,15 +141,20 @@ pub fn read_from(input: impl std::io::Read) -> anyhow::Result<Vec<Record>> {
         .map(|r| {
             let tx = parse::transaction(&r.request, &limits)
                 .with_context(|| format!("line {}", r.line))?;
-            Ok(Record { tx, label: r.label })
+            Ok(Record {
+                tx,
+                label: r.label,
+                line: r.line,
+            })
         })
         .collect()
 }
 
 /// Reads a labelled CSV into the requests a client would send for it.
 pub fn read_requests(path: &Path) -> anyhow::Result<Vec<LabelledRequest>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    read_requests_from(file).with_context(|| format!("reading {}", path.display()))
+    let file =
+        std::fs::File::open(path).with_context(|| Usage(format!("opening {}", path.display())))?;
+    read_requests_from(file).with_context(|| Usage(format!("reading {}", path.display())))
 }
 
 /// [`read_requests`] from any reader.

@@ -38,7 +38,11 @@ pub fn features(
     for r in &requests {
         let tx = parse::transaction(&r.request, &limits)
             .with_context(|| format!("{} line {}", input.display(), r.line))?;
-        records.push(Record { tx, label: r.label });
+        records.push(Record {
+            tx,
+            label: r.label,
+            line: r.line,
+        });
     }
     // Sort both the same way (a stable sort by the same key keeps them aligned).
     let key = |t: &crate::domain::Transaction| (t.event_time, t.event_nanos);
@@ -47,7 +51,8 @@ pub fn features(
     let records: Vec<Record> = order.iter().map(|&i| records[i].clone()).collect();
     requests = order.iter().map(|&i| requests[i].clone()).collect();
 
-    let (_, rows) = train::replay(&records, model, label_delay_secs, progress)?;
+    let (_, rows) = train::replay(&records, model, label_delay_secs, progress)
+        .with_context(|| crate::error::Usage(input.display().to_string()))?;
     let mut out =
         csv::Writer::from_path(output).with_context(|| format!("creating {}", output.display()))?;
     let mut header = vec![

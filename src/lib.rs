@@ -16,6 +16,7 @@ pub mod dataset;
 pub mod domain;
 pub mod drift;
 pub mod engine;
+pub mod error;
 pub mod export;
 pub mod features;
 pub mod grpc;

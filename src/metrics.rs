@@ -434,9 +434,14 @@ pub async fn serve(
         .context("serving /metrics")
 }
 
-/// Binds the metrics address.
+/// Binds the metrics address (`--metrics-listen`).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr}"))
+    TcpListener::bind(addr).await.map_err(|e| {
+        crate::error::bind(
+            "--metrics-listen",
+            addr,
+            e,
+            ", or `--metrics-listen off` for no metrics",
+        )
+    })
 }

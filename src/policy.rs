@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::breaker::{BreakerFile, BreakerSettings};
 use crate::domain::{Decision, Reason, Transaction};
+use crate::error::Usage;
 use crate::features::{FeatureVector, FEATURES, N_FEATURES};
 use crate::ids::{entity_key, ip_key, EntityKey, EntityKind};
 use crate::model::{Prediction, Thresholds};
@@ -208,10 +209,11 @@ impl Policy {
     /// Reads and builds a policy file.
     pub fn load(path: &Path, model_thresholds: Thresholds) -> anyhow::Result<Policy> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading policy {}", path.display()))?;
-        let file: PolicyFile =
-            toml::from_str(&text).with_context(|| format!("parsing policy {}", path.display()))?;
-        Policy::new(file, model_thresholds).with_context(|| format!("policy {}", path.display()))
+            .with_context(|| Usage(format!("reading policy {}", path.display())))?;
+        let file: PolicyFile = toml::from_str(&text)
+            .with_context(|| Usage(format!("parsing policy {}", path.display())))?;
+        Policy::new(file, model_thresholds)
+            .with_context(|| Usage(format!("policy {}", path.display())))
     }
 
     /// The decision and reasons for a scored transaction: rule hits first, then the features

@@ -25,7 +25,7 @@ use crate::domain::{Feedback, Label};
 use crate::drift::DriftReference;
 use crate::engine::{Detail, Engine, EngineConfig};
 use crate::features::{self, FeatureVector, N_FEATURES};
-use crate::model::forest::{fit_smartcore, CompiledForest, ForestParams};
+use crate::model::forest::{fit_parallel, CompiledForest, ForestParams, TrainingSet};
 use crate::model::hst::{self, HalfSpaceTrees, HstParams};
 use crate::model::{
     AnomalyMeta, ClassifierMeta, Metrics, Model, ModelMeta, Thresholds, TrainingSummary, FORMAT,
@@ -143,8 +143,14 @@ pub fn replay(
             }
         }
         let traced = engine.score_traced(&rec.tx).map_err(|_| {
+            let first = records
+                .iter()
+                .find(|r| r.tx.id == rec.tx.id)
+                .map_or(0, |r| r.line);
+            let (a, b) = (first.min(rec.line), first.max(rec.line));
             anyhow::anyhow!(
-                "transaction id {:?} appears twice with different data",
+                "lines {a} and {b}: transaction id {:?} appears twice with different data \
+                 (a retry must repeat its payment exactly)",
                 rec.tx.id
             )
         })?;
@@ -275,15 +281,26 @@ pub fn rfc3339(t: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Fits a forest on `rows`: every fraud, legitimate rows sampled down to
-/// `params.max_fit_rows` in all and weighted back up. Returns it with the rows and frauds
-/// it was fitted on.
-fn fit_forest(
-    rows: &[&Replayed],
-    params: &TrainParams,
-) -> anyhow::Result<(CompiledForest, usize, usize)> {
+/// Trees of the forest that chooses the thresholds: half the served forest's.
+fn validation_trees(params: &TrainParams) -> usize {
+    (params.forest.n_trees / 2).max(1)
+}
+
+/// The rows a forest is fitted on: every fraud, legitimate rows sampled down to
+/// `params.max_fit_rows` in all and weighted back up.
+struct Sample {
+    x: Vec<f64>,
+    y: Vec<f64>,
+    w: Vec<f64>,
+    frauds: usize,
+}
+
+fn sample(rows: &[&Replayed], params: &TrainParams) -> anyhow::Result<Sample> {
     let frauds = rows.iter().filter(|r| r.fraud).count();
-    anyhow::ensure!(frauds > 0, "no fraud in the fitting period: nothing to learn from");
+    anyhow::ensure!(
+        frauds > 0,
+        "no fraud in the fitting period: nothing to learn from"
+    );
     let legit = rows.len() - frauds;
     let keep = if legit == 0 {
         1.0
@@ -299,12 +316,18 @@ fn fit_forest(
             w.push(if r.fraud { 1.0 } else { 1.0 / keep });
         }
     }
-    let model = fit_smartcore(&x, N_FEATURES, &y, Some(&w), &params.forest)?;
-    Ok((
-        CompiledForest::from_smartcore(&model, N_FEATURES)?,
-        y.len(),
-        frauds,
-    ))
+    Ok(Sample { x, y, w, frauds })
+}
+
+impl Sample {
+    fn set(&self, trees: usize) -> TrainingSet<'_> {
+        TrainingSet {
+            rows: &self.x,
+            targets: &self.y,
+            weights: Some(&self.w),
+            trees,
+        }
+    }
 }
 
 /// Runs a whole training: read, replay, fit, evaluate, write.
@@ -327,7 +350,8 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         Model::untrained(params.hst, params.label_delay_secs),
         params.label_delay_secs,
         params.progress,
-    )?;
+    )
+    .with_context(|| crate::error::Usage(params.input.display().to_string()))?;
     let total_frauds = rows.iter().filter(|r| r.fraud).count();
     drop(records);
 
@@ -373,19 +397,46 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         .map(|i| masses[(i * (masses.len() - 1)) / 256])
         .collect();
 
+    // Two forests with the same settings, fitted at once on every core: one on the rows
+    // before the validation period (it chooses the thresholds and the anomaly weight, and
+    // gives the figures; half the trees, which is enough for that and saves a third of the
+    // time), and the served one, refitted on every row whose label has matured by the end of
+    // the input (fitting, validation and holdout periods alike), so it knows the newest
+    // patterns. The refitted forest has no unseen period left to be measured on.
     let fit: Vec<&Replayed> = rows
         .iter()
         .filter(|r| r.time >= burn_in_end && r.time < validation_from)
         .collect();
+    let matured: Vec<&Replayed> = rows
+        .iter()
+        .filter(|r| r.time >= burn_in_end && r.time <= last - params.label_delay_secs)
+        .collect();
     if params.progress {
         eprintln!(
-            "fitting {} trees on up to {} of {} rows...",
+            "fitting {} trees on up to {} of {} rows, and {} on up to {} of {} matured rows...",
+            validation_trees(params),
+            params.max_fit_rows,
+            fit.len(),
             params.forest.n_trees,
             params.max_fit_rows,
-            fit.len()
+            matured.len()
         );
     }
-    let (forest, _, _) = fit_forest(&fit, params)?;
+    let (fit_sample, served_sample) = (sample(&fit, params)?, sample(&matured, params)?);
+    let mut forests = fit_parallel(
+        &[
+            fit_sample.set(validation_trees(params)),
+            served_sample.set(params.forest.n_trees),
+        ],
+        N_FEATURES,
+        &params.forest,
+    )?
+    .into_iter();
+    let (Some(forest), Some(served)) = (forests.next(), forests.next()) else {
+        anyhow::bail!("fitting gave no forest");
+    };
+    let (fitted_rows, fitted_frauds) = (served_sample.y.len(), served_sample.frauds);
+    drop((fit_sample, served_sample));
 
     let score_of = |r: &Replayed, weight: f64| {
         let a = Model::anomaly_of_mass(&quantiles, r.mass);
@@ -423,23 +474,7 @@ pub fn train(params: &TrainParams) -> anyhow::Result<TrainReport> {
         .collect();
     let hold_metrics = metrics(&hold_scores, &hold_truth);
 
-    // The served forest: the same settings refitted on every row whose label has matured
-    // by the end of the input (fitting, validation and holdout periods alike), so it knows
-    // the newest patterns. The figures above are those of the forest fitted before the
-    // validation period: the refitted one has no unseen period left to be measured on.
-    let matured: Vec<&Replayed> = rows
-        .iter()
-        .filter(|r| r.time >= burn_in_end && r.time <= last - params.label_delay_secs)
-        .collect();
-    if params.progress {
-        eprintln!(
-            "refitting on up to {} of {} matured rows...",
-            params.max_fit_rows,
-            matured.len()
-        );
-    }
-    let (forest, fitted_rows, fitted_frauds) = fit_forest(&matured, params)?;
-
+    let forest = served;
     let version = model_version(&forest, last)?;
     let summary = TrainingSummary {
         input: params.input.display().to_string(),

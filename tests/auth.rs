@@ -96,8 +96,15 @@ async fn admin_calls_need_the_admin_token() {
     };
     let err = admin.get_current_model(call(None)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    let err = admin.get_current_model(call(Some(TOKEN))).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "a scoring token: {err:?}");
+    let err = admin
+        .get_current_model(call(Some(TOKEN)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "a scoring token: {err:?}"
+    );
     let status = admin
         .get_current_model(call(Some(ADMIN)))
         .await
@@ -112,9 +119,11 @@ async fn admin_calls_need_the_admin_token() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
 
-
 /// Every ModelAdmin RPC, called with `token`; the codes they end with.
-async fn admin_codes(channel: tonic::transport::Channel, token: &str) -> Vec<(&'static str, Code, String)> {
+async fn admin_codes(
+    channel: tonic::transport::Channel,
+    token: &str,
+) -> Vec<(&'static str, Code, String)> {
     use fraudgate::proto;
     let mut admin = proto::model_admin_client::ModelAdminClient::new(channel);
     fn with<T>(token: &str, m: T) -> tonic::Request<T> {
@@ -128,25 +137,51 @@ async fn admin_codes(channel: tonic::transport::Channel, token: &str) -> Vec<(&'
         Err(s) => (s.code(), s.message().to_owned()),
     };
     let mut out = Vec::new();
-    let c = code(admin.list_models(with(token, proto::ListModelsRequest {})).await.map(drop));
+    let c = code(
+        admin
+            .list_models(with(token, proto::ListModelsRequest {}))
+            .await
+            .map(drop),
+    );
     out.push(("ListModels", c.0, c.1));
-    let c = code(admin.get_current_model(with(token, proto::GetCurrentModelRequest {})).await.map(drop));
+    let c = code(
+        admin
+            .get_current_model(with(token, proto::GetCurrentModelRequest {}))
+            .await
+            .map(drop),
+    );
     out.push(("GetCurrentModel", c.0, c.1));
     let c = code(
         admin
-            .retrain(with(token, proto::RetrainRequest { promote_if_better: true, ..Default::default() }))
+            .retrain(with(
+                token,
+                proto::RetrainRequest {
+                    promote_if_better: true,
+                    ..Default::default()
+                },
+            ))
             .await
             .map(drop),
     );
     out.push(("Retrain", c.0, c.1));
     let c = code(
         admin
-            .promote(with(token, proto::PromoteRequest { version: "fg-any".into() }))
+            .promote(with(
+                token,
+                proto::PromoteRequest {
+                    version: "fg-any".into(),
+                },
+            ))
             .await
             .map(drop),
     );
     out.push(("Promote", c.0, c.1));
-    let c = code(admin.rollback(with(token, proto::RollbackRequest {})).await.map(drop));
+    let c = code(
+        admin
+            .rollback(with(token, proto::RollbackRequest {}))
+            .await
+            .map(drop),
+    );
     out.push(("Rollback", c.0, c.1));
     out
 }
@@ -212,9 +247,14 @@ async fn roles_and_the_bearer_scheme() {
         .expect("a token in both lists scores");
     for scheme in ["bearer", "BEARER", "Bearer", "bEaReR"] {
         let mut r = tonic::Request::new(req(tx(&format!("r-{scheme}"), "a", "m", 100, 1)));
-        r.metadata_mut()
-            .insert("authorization", format!("{scheme} {TOKEN}").parse().unwrap());
-        client.score(r).await.unwrap_or_else(|e| panic!("{scheme}: {e:?}"));
+        r.metadata_mut().insert(
+            "authorization",
+            format!("{scheme} {TOKEN}").parse().unwrap(),
+        );
+        client
+            .score(r)
+            .await
+            .unwrap_or_else(|e| panic!("{scheme}: {e:?}"));
     }
     let mut r = tonic::Request::new(req(tx("r-basic", "a", "m", 100, 2)));
     r.metadata_mut()
@@ -251,7 +291,11 @@ async fn a_promotion_records_the_admin_tokens_name_never_the_token() {
         ..ServeConfig::default()
     };
     // The first start registers the first model; the second start the second.
-    TestServer::start_with(config(&first)).await.stop().await.unwrap();
+    TestServer::start_with(config(&first))
+        .await
+        .stop()
+        .await
+        .unwrap();
     let server = TestServer::start_with(config(&second)).await;
     let mut admin = proto::model_admin_client::ModelAdminClient::new(server.channel().await);
     let mut r = tonic::Request::new(proto::PromoteRequest {
@@ -263,10 +307,9 @@ async fn a_promotion_records_the_admin_tokens_name_never_the_token() {
     assert_eq!(status.model.unwrap().version, &*model.version);
     server.stop().await.unwrap();
 
-    let registry: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(data.join("models/registry.json")).unwrap(),
-    )
-    .unwrap();
+    let registry: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("models/registry.json")).unwrap())
+            .unwrap();
     let changes = registry["changes"].as_array().unwrap();
     let last = changes.last().unwrap();
     assert_eq!(last["action"], "promote");

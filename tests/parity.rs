@@ -74,7 +74,11 @@ async fn training_replay_and_the_server_compute_the_same_features() {
     let delay = 2 * 86_400;
     let (_, replayed) = train::replay(
         &records,
-        Model::untrained(HstParams::default()),
+        // The matured-risk features read the state with the serving model's label delay.
+        Model::untrained(
+            HstParams::default(),
+            Model::embedded_default().unwrap().meta.label_delay_secs,
+        ),
         delay,
         false,
     )

@@ -103,7 +103,9 @@ impl Tokens {
 
     fn entry(item: &str, default: String) -> anyhow::Result<(Arc<str>, Vec<u8>)> {
         let (name, token) = match item.split_once(':') {
-            Some((name, token)) if valid_name(name.trim()) => (name.trim().to_owned(), token.trim()),
+            Some((name, token)) if valid_name(name.trim()) => {
+                (name.trim().to_owned(), token.trim())
+            }
             Some((name, _)) => anyhow::bail!(
                 "{name:?} is not a token name (letters, digits, '-', '_', '.', '@'; \
                  write name:token, or the token alone)"
@@ -246,7 +248,10 @@ mod tests {
             ["line-2", "payments", "line-5-1", "line-5-2"],
             "bare tokens are named by their line"
         );
-        assert_eq!(t.find(b"beta-0123456789abcdef").as_deref(), Some("payments"));
+        assert_eq!(
+            t.find(b"beta-0123456789abcdef").as_deref(),
+            Some("payments")
+        );
         assert!(t.accepts(b"alpha-0123456789abcdef"));
         assert!(!t.accepts(b"alpha-0123456789abcde"));
         assert!(!t.accepts(b""));

@@ -9,8 +9,8 @@ use futures::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, Span};
 
-use super::parse::{self, FieldError, ParseLimits};
 use super::auth::Caller;
+use super::parse::{self, FieldError, ParseLimits};
 use super::request_log::RequestLog;
 use crate::cluster::gateway::Gateway;
 use crate::domain::{Decision, Label, ScoreOutcome};

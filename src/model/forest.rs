@@ -113,6 +113,77 @@ pub fn fit_smartcore(
     .map_err(|e| anyhow::anyhow!("fitting the random forest: {e}"))
 }
 
+/// One training set for [`fit_parallel`]: rows of `n_features` values, 0/1 targets,
+/// optional sample weights, and how many trees to fit on it.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainingSet<'a> {
+    pub rows: &'a [f64],
+    pub targets: &'a [f64],
+    pub weights: Option<&'a [f64]>,
+    pub trees: usize,
+}
+
+/// Trees fitted by one job of [`fit_parallel`].
+pub const TREES_PER_JOB: usize = 5;
+
+/// Fits one forest per training set (`params` but its tree count, which is the set's), all
+/// at once: smartcore fits one tree after another on
+/// one core, so each forest is fitted as jobs of up to [`TREES_PER_JOB`] trees (job `j`
+/// seeded `seed + j`: its own bootstrap samples), the jobs of every set spread over the
+/// machine's cores, and each forest's jobs joined in job order. The result depends only on
+/// the inputs and the parameters, not on the number of cores.
+pub fn fit_parallel(
+    sets: &[TrainingSet<'_>],
+    n_features: usize,
+    params: &ForestParams,
+) -> anyhow::Result<Vec<CompiledForest>> {
+    let chunks = |s: &TrainingSet<'_>| s.trees.div_ceil(TREES_PER_JOB).max(1);
+    let jobs: Vec<(usize, usize)> = sets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| (0..chunks(s)).map(move |c| (i, c)))
+        .collect();
+    let done: parking_lot::Mutex<Vec<Option<anyhow::Result<CompiledForest>>>> =
+        parking_lot::Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(s, c)) = jobs.get(j) else { break };
+                let set = sets[s];
+                let job = ForestParams {
+                    n_trees: set
+                        .trees
+                        .saturating_sub(c * TREES_PER_JOB)
+                        .clamp(1, TREES_PER_JOB),
+                    seed: params.seed.wrapping_add(c as u64),
+                    ..*params
+                };
+                let forest = fit_smartcore(set.rows, n_features, set.targets, set.weights, &job)
+                    .and_then(|m| CompiledForest::from_smartcore(&m, n_features));
+                done.lock()[j] = Some(forest);
+            });
+        }
+    });
+    let mut done = done.into_inner().into_iter();
+    let mut out = Vec::with_capacity(sets.len());
+    for set in sets {
+        let parts = (0..chunks(set))
+            .map(|_| {
+                done.next()
+                    .flatten()
+                    .unwrap_or_else(|| Err(anyhow::anyhow!("a fitting thread died")))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        out.push(CompiledForest::concat(parts)?);
+    }
+    Ok(out)
+}
+
 fn field<'a>(v: &'a serde_json::Value, name: &str) -> anyhow::Result<&'a serde_json::Value> {
     v.get(name)
         .with_context(|| format!("smartcore model has no field {name:?}"))
@@ -218,6 +289,31 @@ impl CompiledForest {
             .collect();
         forest.walk_roots = forest.roots.clone();
         Ok(forest)
+    }
+
+    /// One forest of the trees of `parts`, in order (a prediction is the mean over all of
+    /// them).
+    pub fn concat(parts: Vec<CompiledForest>) -> anyhow::Result<CompiledForest> {
+        let n_features = parts.first().map_or(0, |p| p.n_features);
+        let (mut roots, mut nodes) = (Vec::new(), Vec::new());
+        for part in parts {
+            anyhow::ensure!(
+                part.n_features == n_features,
+                "joining forests of {} and {n_features} features",
+                part.n_features
+            );
+            let base = nodes.len() as u32;
+            roots.extend(part.roots.iter().map(|r| r + base));
+            nodes.extend(part.nodes.iter().map(|n| {
+                let mut n = *n;
+                if n.feature != LEAF {
+                    n.yes += base;
+                    n.no += base;
+                }
+                n
+            }));
+        }
+        CompiledForest::new(n_features, roots, nodes)
     }
 
     /// The same forest with each tree laid out depth-first, `yes` child right after its
@@ -407,6 +503,51 @@ mod tests {
             distinct.len() > 20,
             "the forest should give graded probabilities"
         );
+    }
+
+    /// A forest fitted in jobs is the jobs' smartcore forests joined: its prediction is their
+    /// trees' mean, and the same on any number of cores (the jobs do not depend on it).
+    #[test]
+    fn a_forest_fitted_in_jobs_is_its_jobs_joined() {
+        let (rows, y) = data(1_500, 6);
+        let params = ForestParams {
+            n_trees: 2 * TREES_PER_JOB + 2,
+            max_depth: 6,
+            min_samples_leaf: 5,
+            mtry: None,
+            seed: 9,
+        };
+        let set = TrainingSet {
+            rows: &rows,
+            targets: &y,
+            weights: None,
+            trees: params.n_trees,
+        };
+        let forests = fit_parallel(&[set, set], 5, &params).unwrap();
+        assert_eq!(forests.len(), 2);
+        assert_eq!(forests[0], forests[1], "the same set gives the same forest");
+        assert_eq!(forests[0].roots.len(), params.n_trees);
+        let jobs: Vec<_> = (0..3)
+            .map(|c| {
+                let job = ForestParams {
+                    n_trees: if c < 2 { TREES_PER_JOB } else { 2 },
+                    seed: params.seed + c as u64,
+                    ..params
+                };
+                fit_smartcore(&rows, 5, &y, None, &job).unwrap()
+            })
+            .collect();
+        let (test_rows, _) = data(300, 7);
+        let x = DenseMatrix::new(300, 5, test_rows.clone(), false).unwrap();
+        let parts: Vec<Vec<f64>> = jobs.iter().map(|m| m.predict(&x).unwrap()).collect();
+        for i in 0..300 {
+            let want = (parts[0][i] * TREES_PER_JOB as f64
+                + parts[1][i] * TREES_PER_JOB as f64
+                + parts[2][i] * 2.0)
+                / params.n_trees as f64;
+            let got = forests[0].predict(&test_rows[i * 5..i * 5 + 5]);
+            assert!((got - want).abs() < 1e-12, "row {i}: {got} vs {want}");
+        }
     }
 
     #[test]

@@ -268,7 +268,7 @@ impl Model {
             &read("forest.json")?,
             &read("hst.json")?,
         )
-        .with_context(|| format!("loading model {}", dir.display()))
+        .with_context(|| crate::error::Usage(format!("loading model {}", dir.display())))
     }
 
     /// The model shipped in `models/default/`, compiled into the binary.

@@ -79,7 +79,12 @@ impl MerchantState {
 
     /// Returns what was known before `t` (labels arriving `delay_secs` late), then records a
     /// payment of `amount` at `t`.
-    pub fn observe(&mut self, t: EventTime, amount: f64, delay_secs: i64) -> (EntityView, RiskView) {
+    pub fn observe(
+        &mut self,
+        t: EventTime,
+        amount: f64,
+        delay_secs: i64,
+    ) -> (EntityView, RiskView) {
         if self.head().is_some_and(|h| t - h > EXPIRY_SECS) {
             *self = MerchantState::default();
         }

@@ -290,10 +290,7 @@ impl State {
                 })
             });
         }
-        for (map, out) in [
-            (&self.devices, &mut devices),
-            (&self.ips, &mut ips),
-        ] {
+        for (map, out) in [(&self.devices, &mut devices), (&self.ips, &mut ips)] {
             for p in 0..PARTITIONS {
                 copy(&mut |seq| {
                     out.push(PartImage {
@@ -442,7 +439,10 @@ fn observe_merchant(
     amount: f64,
     delay_secs: i64,
 ) -> (EntityView, RiskView) {
-    map.map(key).entry(key).or_default().observe(t, amount, delay_secs)
+    map.map(key)
+        .entry(key)
+        .or_default()
+        .observe(t, amount, delay_secs)
 }
 
 fn add_fraud(map: &Map<EntityState>, key: EntityKey, t: EventTime, delta: i32) {
