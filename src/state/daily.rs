@@ -139,6 +139,7 @@ impl DailyRisk {
         }
         let edge = (t - delay_secs.max(0)).div_euclid(DAY);
         let (mut since_first_payments, mut since_first_frauds) = (0u64, 0u64);
+        let mut seen_fraud = false;
         for day in (self.head - DAYS as i64 + 1)..=self.head.min(today) {
             let f = self.frauds[slot(day)];
             if f > 0 || since_first_frauds > 0 {
@@ -159,8 +160,9 @@ impl DailyRisk {
             }
             let age = (today - day).clamp(0, DAYS as i64) as u32;
             view.days_since_newest_fraud = view.days_since_newest_fraud.min(age);
-            if view.days_since_oldest_fraud == DAYS as u32 {
+            if !seen_fraud {
                 view.days_since_oldest_fraud = age;
+                seen_fraud = true;
             }
             if day > matured {
                 view.early_frauds += u32::from(f);

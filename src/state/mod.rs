@@ -456,6 +456,9 @@ mod tests {
     use super::*;
     use crate::domain::Channel;
 
+    /// The label delay the tests read merchants with.
+    const D: i64 = 7 * 86_400;
+
     fn tx(account: EntityKey, t: EventTime) -> Transaction {
         Transaction {
             id: String::new(),
@@ -478,11 +481,11 @@ mod tests {
     #[test]
     fn idle_entities_are_evicted_and_active_ones_kept() {
         let state = State::new();
-        state.observe(&tx(1, 0));
-        state.observe(&tx(2, 10 * 86_400));
+        state.observe(&tx(1, 0), D);
+        state.observe(&tx(2, 10 * 86_400), D);
         assert_eq!(state.evict_idle(), 0, "nothing is idle yet");
         let late = EXPIRY_SECS + ALLOWED_LATENESS_SECS + 5 * 86_400;
-        state.observe(&tx(2, late));
+        state.observe(&tx(2, late), D);
         // Account 1 and its device are idle beyond every window; the merchant and account 2
         // are not.
         assert_eq!(state.evict_idle(), 2);
@@ -491,7 +494,7 @@ mod tests {
             (counts.accounts, counts.merchants, counts.devices),
             (1, 1, 1)
         );
-        let seen = state.observe(&tx(1, late + 60));
+        let seen = state.observe(&tx(1, late + 60), D);
         assert_eq!(
             seen.account.base.secs_since_last, None,
             "an evicted account is new"
@@ -509,7 +512,11 @@ mod tests {
 
     fn entries(state: &State) -> StateImage {
         let mut image = state.image(|| Box::new(0u64));
-        for parts in [&mut image.merchants, &mut image.devices, &mut image.ips] {
+        image.merchants.iter_mut().for_each(|p| {
+            p.seq = 0;
+            p.entries.sort_by_key(|e| e.0);
+        });
+        for parts in [&mut image.devices, &mut image.ips] {
             parts.iter_mut().for_each(|p| {
                 p.seq = 0;
                 p.entries.sort_by_key(|e| e.0);
@@ -528,7 +535,7 @@ mod tests {
     fn partition_cuts_plus_replay_reproduce_the_state() {
         let live = State::new();
         let sequencer = parking_lot::Mutex::new(0u64);
-        let apply = |seq: u64| live.observe(&spread_tx(seq));
+        let apply = |seq: u64| live.observe(&spread_tx(seq), D);
         for _ in 0..500 {
             let mut s = sequencer.lock();
             *s += 1;
@@ -553,7 +560,7 @@ mod tests {
         restored.restore(image);
         for seq in from + 1..after + 300 {
             let t = spread_tx(seq);
-            restored.replay_observe(&t, cut.pending(&TxFacts::of(&t), seq));
+            restored.replay_observe(&t, cut.pending(&TxFacts::of(&t), seq), D);
         }
         assert_eq!(entries(&restored), entries(&live));
     }
