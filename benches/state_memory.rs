@@ -43,6 +43,26 @@ fn rss() -> Option<u64> {
     Some(pages * 4096)
 }
 
+/// The `i`-th payment (a second apart) of `amount` from `account` to `merchant`.
+fn payment(i: u64, account: u64, merchant: u64, amount: f64) -> Transaction {
+    Transaction {
+        id: String::new(),
+        key: i as u128,
+        account,
+        merchant,
+        amount_minor: (amount * 100.0).round() as i64,
+        currency: *b"EUR",
+        amount,
+        event_time: 1_735_689_600 + i as i64,
+        event_nanos: 0,
+        channel: Channel::CardPresent,
+        mcc: None,
+        country: None,
+        device: None,
+        ip: None,
+    }
+}
+
 fn main() {
     const ACCOUNTS: u64 = 1_000_000;
     const MERCHANTS: u64 = 1_000;
@@ -50,22 +70,12 @@ fn main() {
     let rss_before = rss();
     let before = LIVE.load(Ordering::Relaxed);
     for i in 0..ACCOUNTS {
-        let tx = Transaction {
-            id: String::new(),
-            key: i as u128,
-            account: entity_key(EntityKind::Account, i.to_le_bytes()),
-            merchant: entity_key(EntityKind::Merchant, (i % MERCHANTS).to_le_bytes()),
-            amount_minor: 1_000 + (i % 5_000) as i64,
-            currency: *b"EUR",
-            amount: 10.0 + (i % 5_000) as f64 / 100.0,
-            event_time: 1_735_689_600 + i as i64,
-            event_nanos: 0,
-            channel: Channel::CardPresent,
-            mcc: None,
-            country: None,
-            device: None,
-            ip: None,
-        };
+        let tx = payment(
+            i,
+            entity_key(EntityKind::Account, i.to_le_bytes()),
+            entity_key(EntityKind::Merchant, (i % MERCHANTS).to_le_bytes()),
+            10.0 + (i % 5_000) as f64 / 100.0,
+        );
         state.observe(&tx, 7 * 86_400);
     }
     let bytes = LIVE.load(Ordering::Relaxed) - before;
@@ -92,22 +102,12 @@ fn main() {
     let state = State::new();
     let before = LIVE.load(Ordering::Relaxed);
     for i in 0..MANY_MERCHANTS {
-        let tx = Transaction {
-            id: String::new(),
-            key: i as u128,
-            account: entity_key(EntityKind::Account, 1u64.to_le_bytes()),
-            merchant: entity_key(EntityKind::Merchant, i.to_le_bytes()),
-            amount_minor: 1_000,
-            currency: *b"EUR",
-            amount: 10.0,
-            event_time: 1_735_689_600 + i as i64,
-            event_nanos: 0,
-            channel: Channel::CardPresent,
-            mcc: None,
-            country: None,
-            device: None,
-            ip: None,
-        };
+        let tx = payment(
+            i,
+            entity_key(EntityKind::Account, 1u64.to_le_bytes()),
+            entity_key(EntityKind::Merchant, i.to_le_bytes()),
+            10.0,
+        );
         state.observe(&tx, 7 * 86_400);
     }
     let bytes = LIVE.load(Ordering::Relaxed) - before;

@@ -235,7 +235,7 @@ pub fn test_set<'a>(answers: &'a [Answered], protocol: &Protocol) -> Vec<&'a Ans
     for day in test_from..test_to {
         let known: HashSet<&str> = frauds_by_day
             .iter()
-            .take_while(|(d, _)| *d <= day - delay - 1)
+            .take_while(|(d, _)| *d < day - delay)
             .map(|(_, c)| *c)
             .collect();
         out.extend(

@@ -59,7 +59,13 @@ async fn server(
 ) -> (TestServer, SocketAddr, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, "[blocklist]\naccounts = [\"acct-bad\"]\n").unwrap();
+    // Thresholds of its own: the alerts come from the block list, whatever the shipped model
+    // scores a brand-new account's payments.
+    std::fs::write(
+        &policy,
+        "[thresholds]\nreview = 0.6\ndeny = 0.9\n[blocklist]\naccounts = [\"acct-bad\"]\n",
+    )
+    .unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", common::process::free_port())
         .parse()
         .unwrap();

@@ -17,6 +17,18 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `fraudgate train` on `csv`, writing the model into `dir`.
+fn train(csv: &std::path::Path, dir: &std::path::Path) -> Output {
+    run(&[
+        "train",
+        "--quiet",
+        "--input",
+        csv.to_str().unwrap(),
+        "--output",
+        dir.join("model").to_str().unwrap(),
+    ])
+}
+
 /// The stderr of a failed run, checked to hold one error line and no backtrace.
 fn error_of(out: &Output, code: i32) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -90,14 +102,7 @@ fn a_repeated_transaction_id_gives_both_lines() {
     // Line 22 repeats t4 (line 6) with another amount.
     text.push_str("t4,a1,m1,99.00,EUR,2025-01-01T00:30:00Z,0\n");
     std::fs::write(&csv, text).unwrap();
-    let out = run(&[
-        "train",
-        "--quiet",
-        "--input",
-        csv.to_str().unwrap(),
-        "--output",
-        dir.path().join("model").to_str().unwrap(),
-    ]);
+    let out = train(&csv, dir.path());
     let line = error_of(&out, 2);
     assert!(line.contains(csv.to_str().unwrap()), "{line}");
     assert!(line.contains("lines 6 and 22"), "{line}");
@@ -115,14 +120,7 @@ fn a_bad_row_names_the_file_line_and_column() {
          t2,a1,m1,ten,EUR,2025-01-01T00:01:00Z,0\n",
     )
     .unwrap();
-    let out = run(&[
-        "train",
-        "--quiet",
-        "--input",
-        csv.to_str().unwrap(),
-        "--output",
-        dir.path().join("model").to_str().unwrap(),
-    ]);
+    let out = train(&csv, dir.path());
     let line = error_of(&out, 2);
     assert!(line.contains(csv.to_str().unwrap()), "{line}");
     assert!(

@@ -24,7 +24,7 @@ struct Source {
 }
 
 /// A book-format CSV from 2018-06-20 to 2018-08-20 (so both files have rows to leave out):
-/// cards paying terminals near them, two terminals compromised for ten days, cards
+/// cards paying terminals near them, terminals compromised for ten days, cards
 /// compromised for a few days with large amounts, and some zero amounts.
 fn write_source(path: &std::path::Path) -> Vec<Source> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -36,7 +36,7 @@ fn write_source(path: &std::path::Path) -> Vec<Source> {
     .unwrap();
     let start = JULY_1 - 11 * DAY;
     let mut events: Vec<(i64, u32, u32, f64, bool)> = Vec::new();
-    let compromised_terminals = [(3u32, 10i64), (7, 30)];
+    let compromised_terminals = [(3u32, 10i64), (7, 30), (11, 46), (19, 50), (23, 53)];
     for day in 0..62i64 {
         for card in 0..60u32 {
             let compromised = card % 9 == 0 && (day as u32 + card) % 23 < 4;
