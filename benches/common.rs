@@ -1,9 +1,9 @@
 //! Shared by the benches: simulated traffic as validated transactions.
 
 use fraudgate::domain::Transaction;
-use fraudgate::grpc::parse::{self, ParseLimits};
 use fraudgate::proto;
 use fraudgate::sim::{SimParams, Simulator};
+use fraudgate::wire::parse::{self, ParseLimits};
 
 /// `n` simulated payments over `accounts` accounts, as requests.
 pub fn requests(accounts: usize, n: usize) -> Vec<proto::ScoreRequest> {

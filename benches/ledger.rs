@@ -11,11 +11,11 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fraudgate::cluster::ledger::{apply_followed, Ledger};
 use fraudgate::engine::{Engine, EngineConfig};
-use fraudgate::grpc::parse::{self, ParseLimits};
-use fraudgate::grpc::service::to_proto;
 use fraudgate::model::Model;
 use fraudgate::policy::{Policy, PolicyFile};
 use fraudgate::state::partitioned::partition;
+use fraudgate::wire::answer::to_proto;
+use fraudgate::wire::parse::{self, ParseLimits};
 
 const ACCOUNTS: usize = 100_000;
 const ENTRIES: usize = 200_000;

@@ -10,11 +10,11 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use fraudgate::engine::{Engine, EngineConfig};
 use fraudgate::features;
-use fraudgate::grpc::parse::{self, ParseLimits};
 use fraudgate::model::hst::HalfSpaceTrees;
 use fraudgate::model::Model;
 use fraudgate::policy::{Policy, PolicyFile};
 use fraudgate::state::State;
+use fraudgate::wire::parse::{self, ParseLimits};
 
 const ACCOUNTS: usize = 100_000;
 const WARM: usize = 600_000;

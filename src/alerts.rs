@@ -173,7 +173,7 @@ impl Alerts {
             return;
         }
         let alert = Arc::new(proto::Alert {
-            decision: Some(crate::grpc::service::to_proto(
+            decision: Some(crate::wire::answer::to_proto(
                 transaction_id.to_owned(),
                 outcome,
             )),

@@ -13,8 +13,8 @@ use anyhow::{bail, Context};
 
 use crate::domain::{Channel, Transaction};
 use crate::error::Usage;
-use crate::grpc::parse::{self, ParseLimits};
 use crate::proto;
+use crate::wire::parse::{self, ParseLimits};
 
 /// Required columns, in the order `simulate` writes them.
 pub const REQUIRED: [&str; 7] = [

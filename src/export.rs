@@ -12,9 +12,9 @@ use anyhow::Context;
 
 use crate::dataset::{self, Record};
 use crate::features;
-use crate::grpc::parse::{self, ParseLimits};
 use crate::model::Model;
 use crate::train;
+use crate::wire::parse::{self, ParseLimits};
 
 /// Rows written, and how many were fraud.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

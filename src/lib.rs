@@ -34,6 +34,7 @@ pub mod snapshot;
 pub mod state;
 pub mod stream;
 pub mod train;
+pub mod wire;
 
 /// Code generated from `proto/fraudgate/v1/fraudgate.proto`.
 pub mod proto {

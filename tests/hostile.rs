@@ -2,10 +2,10 @@
 //! feedback) leave the engine exactly as the valid ones alone do.
 
 use fraudgate::engine::{Engine, EngineConfig};
-use fraudgate::grpc::parse::{self, ParseLimits};
 use fraudgate::model::Model;
 use fraudgate::policy::{Policy, PolicyFile};
 use fraudgate::proto;
+use fraudgate::wire::parse::{self, ParseLimits};
 use proptest::prelude::*;
 use prost::Message;
 

@@ -93,8 +93,8 @@ pub async fn replay(params: &ReplayParams) -> anyhow::Result<Vec<Answered>> {
         .connect()
         .await
         .with_context(|| format!("connecting to {}", params.server))?;
-    let mut client = FraudScorerClient::new(channel)
-        .max_decoding_message_size(crate::grpc::server::MAX_MESSAGE_BYTES);
+    let mut client =
+        FraudScorerClient::new(channel).max_decoding_message_size(crate::wire::MAX_MESSAGE_BYTES);
     let token = params.token.as_deref();
 
     let (send, receive) = mpsc::channel::<proto::ScoreRequest>(1024);

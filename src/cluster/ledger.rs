@@ -27,12 +27,12 @@ use tokio::sync::watch;
 use super::Shared;
 use crate::domain::{Decision, Feedback, Label, Reason, Scored, Transaction};
 use crate::engine::Engine;
-use crate::grpc::parse::{self, ParseLimits};
 use crate::journal::recover::intern;
 use crate::proto::{self, ledger_entry};
 use crate::state::partitioned::PARTITIONS;
 use crate::state::txstore::fraud_delta;
 use crate::state::TxFacts;
+use crate::wire::parse::{self, ParseLimits};
 
 /// Writes this process's ledger entries, and knows which partitions this process runs (only
 /// their transactions' feedback may be applied here). Shared by the partition consumers,

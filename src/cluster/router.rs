@@ -8,12 +8,12 @@ use std::sync::Arc;
 use async_nats::jetstream::message::{AckKind, Message, PublishMessage};
 
 use crate::codec;
-use crate::grpc::parse::{self, ParseLimits};
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::state::partitioned::partition;
 use crate::stream::ingest::REPLY_HEADER;
 use crate::stream::Nats;
+use crate::wire::parse::{self, ParseLimits};
 
 /// The partition of an input: its account's. An input that does not decode or parse goes
 /// to partition 0, whose owner publishes the same error the single-node door would.

@@ -3,7 +3,6 @@
 pub mod admin;
 pub mod auth;
 pub mod lifecycle;
-pub mod parse;
 pub mod reload;
 pub mod request_log;
 pub mod server;

@@ -22,7 +22,6 @@ use tracing::{info, warn};
 use super::admin::AdminService;
 use super::auth::{Access, Role, Tokens};
 use super::lifecycle::{snapshot_periodically, start_node, write_snapshot, DataDir};
-use super::parse;
 use super::request_log::RequestLog;
 use super::service::ScorerService;
 use super::tls::TlsFiles;
@@ -41,9 +40,7 @@ use crate::proto::{
 use crate::registry::ModelRegistry;
 use crate::retrain::RetrainParams;
 use crate::stream::{Nats, NatsConfig};
-
-/// Largest request accepted, in bytes; a transaction is a few hundred.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+use crate::wire::parse;
 
 /// Where the model comes from.
 #[derive(Debug, Clone)]
@@ -266,7 +263,7 @@ pub async fn run(
         RequestLog::new(config.redact),
         gateway_cell.clone(),
     ))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(crate::wire::MAX_MESSAGE_BYTES);
     // Without tokens every call is admitted; the interceptors are there either way so the
     // services have one type.
     let access = Access {

@@ -10,15 +10,16 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, Span};
 
 use super::auth::Caller;
-use super::parse::{self, FieldError, ParseLimits};
 use super::request_log::RequestLog;
 use crate::cluster::gateway::Gateway;
-use crate::domain::{Decision, Label, ScoreOutcome};
-use crate::engine::Traced;
-use crate::features::FEATURES;
+use crate::domain::{Decision, Label};
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeError};
 use crate::proto::{self, fraud_scorer_server::FraudScorer};
+use crate::wire::answer::{
+    self, code_name, decision_of, error_item, item_code, node_error_item, parse_item, respond,
+};
+use crate::wire::parse::{self, ParseLimits};
 
 /// The service. The node is set once the model is loaded and the state recovered; until
 /// then every call gets UNAVAILABLE (and health says NOT_SERVING). Cloned per connection by
@@ -99,147 +100,13 @@ fn gateway_of(cluster: &Option<Arc<OnceLock<Gateway>>>) -> Result<Option<&Gatewa
 
 /// The gRPC status for a refused request about transaction `id`.
 fn status(id: &str, e: NodeError) -> Status {
+    let message = answer::node_error_message(id, &e);
     match e {
-        NodeError::Conflict => Status::already_exists(format!(
-            "transaction.transaction_id: {id:?} was already scored with a different payload"
-        )),
-        NodeError::NotFound => Status::not_found(format!(
-            "transaction_id: {id:?} was not scored here or is too old to be remembered"
-        )),
-        NodeError::JournalFull => Status::resource_exhausted(e.to_string()),
-        NodeError::Journal(_) => Status::unavailable(e.to_string()),
+        NodeError::Conflict => Status::already_exists(message),
+        NodeError::NotFound => Status::not_found(message),
+        NodeError::JournalFull => Status::resource_exhausted(message),
+        NodeError::Journal(_) => Status::unavailable(message),
     }
-}
-
-/// Converts the engine's answer to the wire type.
-pub fn to_proto(transaction_id: String, outcome: &ScoreOutcome) -> proto::ScoreResponse {
-    let s = &outcome.scored;
-    proto::ScoreResponse {
-        transaction_id,
-        decision: match s.decision {
-            Decision::Allow => proto::Decision::Allow,
-            Decision::Review => proto::Decision::Review,
-            Decision::Deny => proto::Decision::Deny,
-        } as i32,
-        score: s.score,
-        anomaly_score: s.anomaly_score,
-        classifier_score: s.classifier_score,
-        reasons: s
-            .reasons
-            .iter()
-            .map(|r| proto::Reason {
-                code: r.code.to_owned(),
-                feature: r.feature.to_owned(),
-                value: r.value,
-                contribution: r.contribution,
-                text: r.text.to_owned(),
-            })
-            .collect(),
-        model_version: s.model_version.to_string(),
-        replayed: outcome.replayed,
-        error: None,
-        features: Vec::new(),
-    }
-}
-
-/// The response for a traced score, with the features when `explain` was asked for.
-fn respond(
-    transaction_id: String,
-    traced: Traced,
-    explain: bool,
-    shadow: bool,
-) -> proto::ScoreResponse {
-    let mut resp = to_proto(transaction_id, &traced.outcome);
-    if shadow {
-        // The score and reasons still say what the engine found; only the instruction to
-        // the payment service is overridden.
-        resp.decision = proto::Decision::Allow as i32;
-    }
-    if let (true, Some(detail)) = (explain, traced.detail) {
-        resp.features = FEATURES
-            .iter()
-            .zip(
-                detail
-                    .features
-                    .iter()
-                    .zip(detail.prediction.contributions.iter()),
-            )
-            .map(|(spec, (&value, &contribution))| proto::FeatureValue {
-                name: spec.name.to_owned(),
-                value,
-                contribution,
-            })
-            .collect();
-    }
-    resp
-}
-
-/// A response carrying an item's error instead of a decision (ScoreStream items, decisions
-/// published on a stream).
-pub fn error_item(
-    transaction_id: String,
-    code: &str,
-    field: &str,
-    message: String,
-) -> proto::ScoreResponse {
-    proto::ScoreResponse {
-        transaction_id,
-        error: Some(proto::ItemError {
-            code: code.into(),
-            field: field.into(),
-            message,
-        }),
-        ..Default::default()
-    }
-}
-
-/// The item error for a request the parser refused.
-pub fn invalid_item(transaction_id: String, e: FieldError) -> proto::ScoreResponse {
-    let FieldError { field, message } = e;
-    error_item(
-        transaction_id,
-        "INVALID_ARGUMENT",
-        field,
-        format!("{field}: {message}"),
-    )
-}
-
-/// The item error for a transaction the node could not score.
-pub fn node_error_item(transaction_id: String, e: NodeError) -> proto::ScoreResponse {
-    let (code, field) = match e {
-        NodeError::Conflict => ("ALREADY_EXISTS", "transaction.transaction_id"),
-        NodeError::NotFound => ("NOT_FOUND", ""),
-        NodeError::JournalFull => ("RESOURCE_EXHAUSTED", ""),
-        NodeError::Journal(_) => ("UNAVAILABLE", ""),
-    };
-    let message = status(&transaction_id, e).message().to_owned();
-    error_item(transaction_id, code, field, message)
-}
-
-/// A scored transaction's response (the decision overridden to ALLOW in shadow mode, the
-/// features listed if `explain`).
-pub fn scored_item(
-    transaction_id: String,
-    traced: Traced,
-    explain: bool,
-    shadow: bool,
-) -> proto::ScoreResponse {
-    respond(transaction_id, traced, explain, shadow)
-}
-
-/// Parses a request arriving as a stream item; refused, the item error to answer with.
-pub fn parse_item(
-    req: &proto::ScoreRequest,
-    limits: &ParseLimits,
-) -> Result<crate::domain::Transaction, Box<proto::ScoreResponse>> {
-    parse::transaction(req, limits).map_err(|e| {
-        let id = req
-            .transaction
-            .as_ref()
-            .map(|t| t.transaction_id.clone())
-            .unwrap_or_default();
-        Box::new(invalid_item(id, e))
-    })
 }
 
 /// One ScoreStream item: a response, or a response carrying the item's error.
@@ -272,40 +139,6 @@ async fn score_item(
             respond(tx.id, traced, explain, shadow)
         }
         Err(e) => node_error_item(tx.id, e),
-    }
-}
-
-/// The decision of a response (none for an error).
-fn decision_of(resp: &proto::ScoreResponse) -> Option<Decision> {
-    match proto::Decision::try_from(resp.decision) {
-        Ok(proto::Decision::Allow) => Some(Decision::Allow),
-        Ok(proto::Decision::Review) => Some(Decision::Review),
-        Ok(proto::Decision::Deny) => Some(Decision::Deny),
-        _ => None,
-    }
-}
-
-/// The item error code of a status (the cluster door's failures).
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::Internal => "INTERNAL",
-        _ => "UNKNOWN",
-    }
-}
-
-/// The status code of a stream item's error code.
-fn item_code(code: &str) -> Code {
-    match code {
-        "INVALID_ARGUMENT" => Code::InvalidArgument,
-        "ALREADY_EXISTS" => Code::AlreadyExists,
-        "NOT_FOUND" => Code::NotFound,
-        "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
-        "UNAVAILABLE" => Code::Unavailable,
-        "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
-        "INTERNAL" => Code::Internal,
-        _ => Code::Unknown,
     }
 }
 

@@ -22,10 +22,10 @@ use rusqlite::{params, Connection, OpenFlags, Row};
 use crate::domain::{Decision, Label, Reason, Scored, Transaction};
 use crate::engine::{Engine, ReplayCut};
 use crate::features::{FeatureVector, N_FEATURES};
-use crate::grpc::parse::{self, ParseLimits};
 use crate::proto;
 use crate::snapshot;
 use crate::state::TxFacts;
+use crate::wire::parse::{self, ParseLimits};
 
 /// What start-up recovery did.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -16,11 +16,11 @@ use tracing::{info, warn};
 use super::Nats;
 use crate::cluster::Ledger;
 use crate::codec;
-use crate::grpc::parse::{self, ParseLimits};
-use crate::grpc::service::{error_item, node_error_item, parse_item, scored_item, to_proto};
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeError, Pending};
 use crate::proto;
+use crate::wire::answer::{error_item, node_error_item, parse_item, scored_item, to_proto};
+use crate::wire::parse::{self, ParseLimits};
 use prost::Message as _;
 
 const SCORE_REQUEST: &str = "fraudgate.v1.ScoreRequest";

@@ -9,7 +9,7 @@
 use std::sync::LazyLock;
 
 use fraudgate::engine::{Engine, EngineConfig};
-use fraudgate::grpc::parse::{self, ParseLimits};
+use fraudgate::wire::parse::{self, ParseLimits};
 use fraudgate::model::Model;
 use fraudgate::policy::{Policy, PolicyFile};
 use fraudgate::proto;

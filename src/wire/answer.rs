@@ -1,0 +1,191 @@
+//! Domain -> protobuf: the answers every door sends (gRPC, NATS decisions, alerts, the
+//! cluster's replies), item errors for a stream, and the one table between gRPC status codes
+//! and their names. Shared by every door, so none reaches into another for them.
+
+use tonic::Code;
+
+use super::parse::{self, FieldError, ParseLimits};
+use crate::domain::{Decision, ScoreOutcome};
+use crate::engine::Traced;
+use crate::features::FEATURES;
+use crate::node::NodeError;
+use crate::proto;
+
+/// The message of a refused request about transaction `id`.
+pub fn node_error_message(id: &str, e: &NodeError) -> String {
+    match e {
+        NodeError::Conflict => format!(
+            "transaction.transaction_id: {id:?} was already scored with a different payload"
+        ),
+        NodeError::NotFound => {
+            format!("transaction_id: {id:?} was not scored here or is too old to be remembered")
+        }
+        NodeError::JournalFull | NodeError::Journal(_) => e.to_string(),
+    }
+}
+
+/// Converts the engine's answer to the wire type.
+pub fn to_proto(transaction_id: String, outcome: &ScoreOutcome) -> proto::ScoreResponse {
+    let s = &outcome.scored;
+    proto::ScoreResponse {
+        transaction_id,
+        decision: match s.decision {
+            Decision::Allow => proto::Decision::Allow,
+            Decision::Review => proto::Decision::Review,
+            Decision::Deny => proto::Decision::Deny,
+        } as i32,
+        score: s.score,
+        anomaly_score: s.anomaly_score,
+        classifier_score: s.classifier_score,
+        reasons: s
+            .reasons
+            .iter()
+            .map(|r| proto::Reason {
+                code: r.code.to_owned(),
+                feature: r.feature.to_owned(),
+                value: r.value,
+                contribution: r.contribution,
+                text: r.text.to_owned(),
+            })
+            .collect(),
+        model_version: s.model_version.to_string(),
+        replayed: outcome.replayed,
+        error: None,
+        features: Vec::new(),
+    }
+}
+
+/// The response for a traced score, with the features when `explain` was asked for.
+pub fn respond(
+    transaction_id: String,
+    traced: Traced,
+    explain: bool,
+    shadow: bool,
+) -> proto::ScoreResponse {
+    let mut resp = to_proto(transaction_id, &traced.outcome);
+    if shadow {
+        // The score and reasons still say what the engine found; only the instruction to
+        // the payment service is overridden.
+        resp.decision = proto::Decision::Allow as i32;
+    }
+    if let (true, Some(detail)) = (explain, traced.detail) {
+        resp.features = FEATURES
+            .iter()
+            .zip(
+                detail
+                    .features
+                    .iter()
+                    .zip(detail.prediction.contributions.iter()),
+            )
+            .map(|(spec, (&value, &contribution))| proto::FeatureValue {
+                name: spec.name.to_owned(),
+                value,
+                contribution,
+            })
+            .collect();
+    }
+    resp
+}
+
+/// A response carrying an item's error instead of a decision (ScoreStream items, decisions
+/// published on a stream).
+pub fn error_item(
+    transaction_id: String,
+    code: &str,
+    field: &str,
+    message: String,
+) -> proto::ScoreResponse {
+    proto::ScoreResponse {
+        transaction_id,
+        error: Some(proto::ItemError {
+            code: code.into(),
+            field: field.into(),
+            message,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The item error for a request the parser refused.
+pub fn invalid_item(transaction_id: String, e: FieldError) -> proto::ScoreResponse {
+    let FieldError { field, message } = e;
+    error_item(
+        transaction_id,
+        "INVALID_ARGUMENT",
+        field,
+        format!("{field}: {message}"),
+    )
+}
+
+/// The item error for a transaction the node could not score.
+pub fn node_error_item(transaction_id: String, e: NodeError) -> proto::ScoreResponse {
+    let (code, field) = match e {
+        NodeError::Conflict => ("ALREADY_EXISTS", "transaction.transaction_id"),
+        NodeError::NotFound => ("NOT_FOUND", ""),
+        NodeError::JournalFull => ("RESOURCE_EXHAUSTED", ""),
+        NodeError::Journal(_) => ("UNAVAILABLE", ""),
+    };
+    let message = node_error_message(&transaction_id, &e);
+    error_item(transaction_id, code, field, message)
+}
+
+/// A scored transaction's response (the decision overridden to ALLOW in shadow mode, the
+/// features listed if `explain`).
+pub fn scored_item(
+    transaction_id: String,
+    traced: Traced,
+    explain: bool,
+    shadow: bool,
+) -> proto::ScoreResponse {
+    respond(transaction_id, traced, explain, shadow)
+}
+
+/// Parses a request arriving as a stream item; refused, the item error to answer with.
+pub fn parse_item(
+    req: &proto::ScoreRequest,
+    limits: &ParseLimits,
+) -> Result<crate::domain::Transaction, Box<proto::ScoreResponse>> {
+    parse::transaction(req, limits).map_err(|e| {
+        let id = req
+            .transaction
+            .as_ref()
+            .map(|t| t.transaction_id.clone())
+            .unwrap_or_default();
+        Box::new(invalid_item(id, e))
+    })
+}
+
+/// The decision of a response (none for an error).
+pub fn decision_of(resp: &proto::ScoreResponse) -> Option<Decision> {
+    match proto::Decision::try_from(resp.decision) {
+        Ok(proto::Decision::Allow) => Some(Decision::Allow),
+        Ok(proto::Decision::Review) => Some(Decision::Review),
+        Ok(proto::Decision::Deny) => Some(Decision::Deny),
+        _ => None,
+    }
+}
+
+/// The name of a status code, as item errors carry it (the cluster door's failures).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::Internal => "INTERNAL",
+        _ => "UNKNOWN",
+    }
+}
+
+/// The status code of an item error's code name: the inverse of [`code_name`] and of the
+/// codes [`node_error_item`] and [`invalid_item`] give.
+pub fn item_code(code: &str) -> Code {
+    match code {
+        "INVALID_ARGUMENT" => Code::InvalidArgument,
+        "ALREADY_EXISTS" => Code::AlreadyExists,
+        "NOT_FOUND" => Code::NotFound,
+        "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
+        "UNAVAILABLE" => Code::Unavailable,
+        "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
+        "INTERNAL" => Code::Internal,
+        _ => Code::Unknown,
+    }
+}

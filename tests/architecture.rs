@@ -1,0 +1,120 @@
+//! The import rules ARCHITECTURE.md states, checked on the source: data flows one way, and no
+//! module below the doors reaches back up into one. A test rather than a lint so it names
+//! the file and the line that breaks a rule.
+
+use std::path::{Path, PathBuf};
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Lines of code (not comments) under `src/` outside `allowed` that name `module`.
+fn reaches(module: &str, allowed: &[&str]) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&root, &mut files);
+    let mut found = Vec::new();
+    for file in files {
+        let rel = file
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if allowed
+            .iter()
+            .any(|a| rel == *a || rel.starts_with(&format!("{a}/")))
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
+                continue;
+            }
+            if code.contains(&format!("crate::{module}")) {
+                found.push(format!("src/{rel}:{}: {}", n + 1, line.trim()));
+            }
+        }
+    }
+    found
+}
+
+/// Architecture Invariant: nothing below the gRPC door imports it; protobuf conversions
+/// live in `wire/`, start-up in the binary's `serve`.
+#[test]
+fn nothing_below_the_grpc_door_imports_it() {
+    let found = reaches("grpc", &["grpc", "main.rs"]);
+    assert!(
+        found.is_empty(),
+        "imports of grpc/ from below it:\n{}",
+        found.join("\n")
+    );
+}
+
+/// Architecture Invariant: the wire layer (protobuf <-> domain) knows no door.
+#[test]
+fn the_wire_layer_knows_no_door() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/wire");
+    let mut files = Vec::new();
+    sources(&root, &mut files);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for door in [
+            "crate::grpc",
+            "crate::stream",
+            "crate::cluster",
+            "crate::alerts",
+        ] {
+            assert!(!text.contains(door), "{} imports {door}", file.display());
+        }
+    }
+}
+
+/// Architecture Invariant: the engine and everything it is made of (state, features,
+/// models, policy) know no door and no transport.
+#[test]
+fn the_core_knows_no_door() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for core in [
+        "engine.rs",
+        "features.rs",
+        "policy.rs",
+        "domain.rs",
+        "state",
+        "model",
+    ] {
+        let mut files = Vec::new();
+        let path = root.join(core);
+        if path.is_dir() {
+            sources(&path, &mut files);
+        } else {
+            files.push(path);
+        }
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for door in [
+                    "crate::grpc",
+                    "crate::stream",
+                    "crate::cluster",
+                    "crate::wire",
+                    "tonic::",
+                ] {
+                    assert!(
+                        !line.contains(door),
+                        "{} names {door}: {line}",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
+}
