@@ -21,7 +21,6 @@ use tokio::net::TcpListener;
 use crate::domain::{Decision, Label};
 use crate::engine::Engine;
 use crate::features;
-use crate::node::Node;
 
 /// The registry and every metric in it.
 #[derive(Debug)]
@@ -53,9 +52,19 @@ pub struct Metrics {
     /// Held while scrape-time values are copied in, so two scrapes do not both add the same
     /// increase to a counter.
     scrape: Mutex<()>,
-    /// The node, once started: the source of the scrape-time gauges. Weak, so the node can
-    /// be taken apart at shutdown (its journal closed) while `/metrics` still answers.
-    node: OnceLock<Weak<Node>>,
+    /// What the scrape-time gauges are read from, once started (the node). Weak, so the
+    /// node can be taken apart at shutdown (its journal closed) while `/metrics` still
+    /// answers.
+    source: OnceLock<Weak<dyn GaugeSource>>,
+}
+
+/// What `/metrics` reads its scrape-time gauges from: the engine and the journal's backlog.
+/// The node implements it, so metrics know counters and this, never the node: the node
+/// records into metrics, and nothing points back.
+pub trait GaugeSource: Send + Sync {
+    fn engine(&self) -> &Engine;
+    /// Entries waiting for the journal writer (0 without a journal).
+    fn journal_backlog(&self) -> usize;
 }
 
 impl Metrics {
@@ -235,13 +244,13 @@ impl Metrics {
             ledger_pending,
             alerts,
             scrape: Mutex::new(()),
-            node: OnceLock::new(),
+            source: OnceLock::new(),
         })
     }
 
-    /// Connects the scrape-time gauges to the running node.
-    pub fn set_node(&self, node: Arc<Node>) {
-        let _ = self.node.set(Arc::downgrade(&node));
+    /// Connects the scrape-time gauges to their source (the running node).
+    pub fn set_source(&self, source: Arc<dyn GaugeSource>) {
+        let _ = self.source.set(Arc::downgrade(&source));
     }
 
     /// One answered call.
@@ -304,7 +313,7 @@ impl Metrics {
     /// The exposition, with the scrape-time gauges read now.
     pub fn render(&self) -> anyhow::Result<String> {
         let _scrape = self.scrape.lock();
-        if let Some(node) = self.node.get().and_then(Weak::upgrade) {
+        if let Some(node) = self.source.get().and_then(Weak::upgrade) {
             let counts = node.engine().entity_counts();
             for (kind, n) in [
                 ("account", counts.accounts),
@@ -316,8 +325,7 @@ impl Metrics {
             }
             self.tracked
                 .set(node.engine().tracked_transactions() as i64);
-            self.journal_backlog
-                .set(node.journal().map_or(0, |j| j.backlog()) as i64);
+            self.journal_backlog.set(node.journal_backlog() as i64);
             let breaker = node.engine().breaker_status();
             self.breaker_open.set(i64::from(breaker.open));
             self.breaker_share.set(breaker.deny_share);

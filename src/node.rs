@@ -214,3 +214,13 @@ async fn committed(
         .map_err(|_| NodeError::Journal("the journal writer stopped".into()))?
         .map_err(NodeError::Journal)
 }
+
+impl crate::metrics::GaugeSource for Node {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn journal_backlog(&self) -> usize {
+        self.journal.as_ref().map_or(0, |j| j.backlog())
+    }
+}

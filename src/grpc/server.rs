@@ -355,7 +355,7 @@ pub async fn run(
         config.promotion_margin,
     ));
     let _ = admin_cell.set(Arc::clone(&admin));
-    metrics.set_node(Arc::clone(&node));
+    metrics.set_source(Arc::clone(&node) as Arc<dyn crate::metrics::GaugeSource>);
     set_health(&health, ServingStatus::Serving).await;
     info!(%addr, "serving");
     let ingest = nats.map(|(connected, _)| {

@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""The crate's module graph from the source: for each top-level module of src/, the
+top-level modules its code names (`crate::x`, comments left out), and the pairs that name
+each other. The same rule as tests/architecture.rs.
+
+    python3 scripts/module_graph.py [SRC_DIR]
+"""
+import pathlib
+import re
+import sys
+
+root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "src")
+graph = {}
+for path in sorted(root.rglob("*.rs")):
+    module = path.relative_to(root).parts[0].removesuffix(".rs")
+    if module in ("main", "lib"):
+        continue
+    edges = graph.setdefault(module, set())
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("//"):
+            continue
+        for name in re.findall(r"crate::([A-Za-z0-9_]+)", line):
+            if name not in (module, "proto"):
+                edges.add(name)
+for module, edges in graph.items():
+    print(f"{module} -> {' '.join(sorted(edges))}")
+pairs = sorted({tuple(sorted((a, b))) for a, e in graph.items() for b in e if a in graph.get(b, ())})
+print("modules importing each other:", ", ".join(f"{a} <-> {b}" for a, b in pairs) or "none")
+below = sorted(m for m, e in graph.items() if "grpc" in e and m != "grpc")
+print("modules below grpc/ that import it:", ", ".join(below) or "none")
