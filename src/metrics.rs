@@ -49,6 +49,7 @@ pub struct Metrics {
     owned_partitions: IntGauge,
     ledger_pending: IntGauge,
     alerts: IntCounterVec,
+    policy_reloads: IntCounterVec,
     /// Held while scrape-time values are copied in, so two scrapes do not both add the same
     /// increase to a counter.
     scrape: Mutex<()>,
@@ -191,8 +192,17 @@ impl Metrics {
             ),
             &["sink", "outcome"],
         )?;
+        let policy_reloads = IntCounterVec::new(
+            Opts::new(
+                "policy_reloads_total",
+                "Policy file reloads (SIGHUP or a changed file), by outcome: applied, or refused \
+                 (the file did not parse or check; the policy in force stays)",
+            ),
+            &["outcome"],
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(policy_reloads.clone()),
             Box::new(stream_messages.clone()),
             Box::new(owned_partitions.clone()),
             Box::new(ledger_pending.clone()),
@@ -243,6 +253,7 @@ impl Metrics {
             owned_partitions,
             ledger_pending,
             alerts,
+            policy_reloads,
             scrape: Mutex::new(()),
             source: OnceLock::new(),
         })
@@ -283,6 +294,11 @@ impl Metrics {
     /// One alert event for a sink (`nats`, `webhook`).
     pub fn alert(&self, sink: &'static str, outcome: &'static str) {
         self.alerts.with_label_values(&[sink, outcome]).inc();
+    }
+
+    /// One policy reload: `applied` or `refused`.
+    pub fn policy_reload(&self, outcome: &'static str) {
+        self.policy_reloads.with_label_values(&[outcome]).inc();
     }
 
     /// One call refused by the token check.

@@ -153,10 +153,16 @@ async fn run_until_acked(
     let stop = Arc::new(AtomicBool::new(false));
     let before = acked.lock().unwrap().decisions.len();
     load(server, phase, Arc::clone(&stop), Arc::clone(acked)).await;
-    for _ in 0..2_000 {
-        if acked.lock().unwrap().decisions.len() >= before + n {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = acked.lock().unwrap().decisions.len() - before;
+        if got >= n {
             break;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "phase {phase}: only {got} of {n} decisions acknowledged in 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop

@@ -36,6 +36,16 @@ async fn sighup_swaps_the_policy_without_a_failed_call_and_refuses_a_broken_file
     std::fs::write(&path, policy(5_000)).unwrap();
     let mut server =
         ServerProcess::start(&["--ephemeral", "--policy", path.to_str().unwrap()]).await;
+    let metrics = server.metrics.expect("the metrics address is in the log");
+    let reloads = |outcome: &'static str| {
+        let body = common::scrape(metrics);
+        let series = format!("fraudgate_policy_reloads_total{{outcome=\"{outcome}\"}}");
+        if body.lines().any(|l| l.starts_with(&series)) {
+            common::metric_value(&body, &series)
+        } else {
+            0.0
+        }
+    };
     let mut client = server.client().await;
     assert!(amount_rule_hits(&mut client, "a-1", 10_000).await);
 
@@ -71,10 +81,22 @@ async fn sighup_swaps_the_policy_without_a_failed_call_and_refuses_a_broken_file
     }
     assert!(swapped, "the new limit never took effect");
 
-    // A broken file (review above deny) is refused: the 50,000 limit stays in force.
+    assert!(reloads("applied") >= 1.0);
+    assert_eq!(reloads("refused"), 0.0);
+
+    // A broken file (review above deny) is refused: the 50,000 limit stays in force. Wait
+    // until the server says it refused it, so the checks below see the state after the
+    // reload, not before it.
     std::fs::write(&path, "[thresholds]\nreview = 0.9\ndeny = 0.5\n").unwrap();
     server.signal("-HUP");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reloads("refused") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken file was never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(amount_rule_hits(&mut client, "c-1", 60_000).await);
     assert!(!amount_rule_hits(&mut client, "c-2", 10_000).await);
 

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info};
 
 use crate::engine::Engine;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 
 /// How often the file's modification time is checked.
@@ -20,7 +21,7 @@ fn modified(path: &Path) -> Option<SystemTime> {
 }
 
 /// Reads `path` and swaps it in; logs and keeps the old policy if it is bad.
-fn reload(engine: &Engine, path: &Path, why: &str) {
+fn reload(engine: &Engine, metrics: &Metrics, path: &Path, why: &str) {
     let thresholds = engine.model().meta.thresholds;
     match Policy::load(path, thresholds) {
         Ok(policy) => {
@@ -32,18 +33,22 @@ fn reload(engine: &Engine, path: &Path, why: &str) {
                 "policy reloaded"
             );
             engine.set_policy(policy);
+            metrics.policy_reload("applied");
         }
-        Err(e) => error!(
-            path = %path.display(),
-            why,
-            error = %format!("{e:#}"),
-            "policy reload refused; the previous policy stays in force"
-        ),
+        Err(e) => {
+            error!(
+                path = %path.display(),
+                why,
+                error = %format!("{e:#}"),
+                "policy reload refused; the previous policy stays in force"
+            );
+            metrics.policy_reload("refused");
+        }
     }
 }
 
 /// Watches `path` until the task is aborted.
-pub async fn watch(engine: Arc<Engine>, path: PathBuf) {
+pub async fn watch(engine: Arc<Engine>, metrics: Arc<Metrics>, path: PathBuf) {
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut seen = modified(&path);
@@ -63,13 +68,13 @@ pub async fn watch(engine: Arc<Engine>, path: PathBuf) {
         tokio::select! {
             () = signalled => {
                 seen = modified(&path);
-                reload(&engine, &path, "SIGHUP");
+                reload(&engine, &metrics, &path, "SIGHUP");
             }
             _ = tick.tick() => {
                 let now = modified(&path);
                 if now != seen {
                     seen = now;
-                    reload(&engine, &path, "file changed");
+                    reload(&engine, &metrics, &path, "file changed");
                 }
             }
         }

@@ -374,10 +374,13 @@ pub async fn run(
         Arc::clone(node.engine()),
         config.evict_every,
     ));
-    let reloader = config
-        .policy
-        .clone()
-        .map(|path| tokio::spawn(super::reload::watch(Arc::clone(node.engine()), path)));
+    let reloader = config.policy.clone().map(|path| {
+        tokio::spawn(super::reload::watch(
+            Arc::clone(node.engine()),
+            Arc::clone(&metrics),
+            path,
+        ))
+    });
     let retrainer = config
         .retrain_every
         .map(|every| tokio::spawn(retrain_periodically(Arc::clone(&admin), every)));

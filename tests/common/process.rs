@@ -1,8 +1,11 @@
 //! The real `fraudgate` binary as a child process: for what only a process can show
 //! (signals, SIGKILL, restarts on the same data directory).
 
+use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fraudgate::proto::fraud_scorer_client::FraudScorerClient;
@@ -18,10 +21,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A `fraudgate serve` process; killed when dropped if still running.
+/// A `fraudgate serve` process; killed when dropped if still running. Unless the test
+/// names the addresses, it listens on port 0 and the port it got is read from its log (no
+/// window between choosing a free port and binding it).
 pub struct ServerProcess {
     pub child: Child,
     pub port: u16,
+    /// Where it serves `/metrics`, as it logged it (none if it logged no metrics address).
+    pub metrics: Option<SocketAddr>,
+    /// Everything it has logged so far (stderr), read by a thread of its own.
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The first `127.0.0.1:<port>` address in a log line.
+fn address_in(line: &str) -> Option<SocketAddr> {
+    let at = line.find("127.0.0.1:")?;
+    let digits: String = line[at + 10..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    format!("127.0.0.1:{digits}").parse().ok()
 }
 
 impl ServerProcess {
@@ -43,27 +63,81 @@ impl ServerProcess {
     }
 
     fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
-        let port = free_port();
-        // Tests run side by side: metrics on a port of their own unless a test picks one.
+        // Port 0 unless the test picks an address: the server binds and logs what it got.
+        let listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let metrics: &[&str] = if args.contains(&"--metrics-listen") {
             &[]
         } else {
             &["--metrics-listen", "127.0.0.1:0"]
         };
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(listen)
             .args(metrics)
             .args(args)
             .envs(env.iter().copied())
-            // FRAUDGATE_TEST_LOGS=1 shows the server's log while debugging a test.
-            .stderr(if std::env::var_os("FRAUDGATE_TEST_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::piped()
-            })
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        ServerProcess { child, port }
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addresses, listening) = mpsc::channel::<(bool, SocketAddr)>();
+        let reader = {
+            let log = Arc::clone(&log);
+            // FRAUDGATE_TEST_LOGS=1 shows the server's log while debugging a test.
+            let echo = std::env::var_os("FRAUDGATE_TEST_LOGS").is_some();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if echo {
+                        eprintln!("{line}");
+                    }
+                    let grpc = line.contains("listening; loading the model");
+                    if grpc || line.contains("metrics on /metrics") {
+                        if let Some(addr) = address_in(&line) {
+                            let _ = addresses.send((grpc, addr));
+                        }
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            })
+        };
+        let given = |flag: &str| {
+            args.iter()
+                .position(|a| *a == flag)
+                .and_then(|i| args.get(i + 1))
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+        };
+        let (mut port, mut metrics_addr) = (given("--listen").map(|a| a.port()), None);
+        // The gRPC address is logged at once after the bind (the metrics one just before it);
+        // a process that exits first logs neither, and its test reads why from wait_exit.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while port.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match listening.recv_timeout(left) {
+                Ok((true, addr)) => port = port.or(Some(addr.port())),
+                Ok((false, addr)) => metrics_addr = Some(addr),
+                Err(_) => break,
+            }
+        }
+        while let Ok((grpc, addr)) = listening.try_recv() {
+            if !grpc {
+                metrics_addr = Some(addr);
+            }
+        }
+        ServerProcess {
+            child,
+            port: port.unwrap_or(0),
+            metrics: metrics_addr.or_else(|| given("--metrics-listen")),
+            log,
+            reader: Some(reader),
+        }
     }
 
     /// Starts a server keeping its files in `dir`.
@@ -131,10 +205,10 @@ impl ServerProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut log = String::new();
-        if let Some(err) = self.child.stderr.as_mut() {
-            std::io::Read::read_to_string(err, &mut log).unwrap();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
+        let log = self.log.lock().unwrap().clone();
         (status, log)
     }
 }
