@@ -33,7 +33,7 @@ use crate::model::hst::HstMass;
 use crate::model::{Model, Prediction};
 use crate::policy::Policy;
 use crate::state::txstore::{Conflict, NotFound, TxRecord, TxStore};
-use crate::state::{Cut, EntityCounts, Pending, State, StateImage, TxFacts};
+use crate::state::{Cut, EntityCounts, State, StateImage, Targets, TxFacts};
 
 /// Settings of the engine itself.
 #[derive(Debug, Clone, Copy)]
@@ -228,9 +228,9 @@ impl Engine {
             *seq += 1;
             if delta != 0 {
                 let entities = if self.shared_from_ledger() {
-                    Pending::ACCOUNT
+                    Targets::ACCOUNT
                 } else {
-                    Pending::ALL
+                    Targets::ALL
                 };
                 self.state.add_fraud_to(&rec.facts, delta, entities);
             }
@@ -442,20 +442,20 @@ impl Engine {
 
     /// A ledger entry of a scored `tx`: its merchant, device and IP windows take it.
     pub fn apply_remote_scored(&self, tx: &Transaction) {
-        self.state.replay_observe(tx, Pending::SHARED, 0);
+        self.state.replay_observe(tx, Targets::SHARED, 0);
     }
 
     /// A ledger entry of a label: the shared entities' fraud counts take its change.
     pub fn apply_remote_label(&self, facts: &TxFacts, fraud_delta: i32) {
         if fraud_delta != 0 {
-            self.state.add_fraud_to(facts, fraud_delta, Pending::SHARED);
+            self.state.add_fraud_to(facts, fraud_delta, Targets::SHARED);
         }
     }
 
     /// Rebuilding a partition from the ledger: the account's windows take `tx` and the
     /// store takes its answer, so a retry gets it and feedback finds it.
     pub fn rebuild_scored(&self, tx: &Transaction, scored: Arc<Scored>) {
-        self.state.replay_observe(tx, Pending::ACCOUNT, 0);
+        self.state.replay_observe(tx, Targets::ACCOUNT, 0);
         self.restore_transaction(tx, scored, None);
     }
 
@@ -464,7 +464,7 @@ impl Engine {
     pub fn rebuild_label(&self, key: TxKey, label: Label) {
         let _ = self.txs.set_label(key, label, |rec, delta| {
             if delta != 0 {
-                self.state.add_fraud_to(&rec.facts, delta, Pending::ACCOUNT);
+                self.state.add_fraud_to(&rec.facts, delta, Targets::ACCOUNT);
             }
         });
     }

@@ -9,7 +9,7 @@
 use crate::domain::Transaction;
 use crate::state::entity::EntityView;
 use crate::state::window::{Agg, LONGEST};
-use crate::state::Snapshot;
+use crate::state::Views;
 
 /// One feature: its name, what a high value means to a human, and how the anomaly model sees
 /// it.
@@ -398,7 +398,7 @@ fn fraud_rate(view: Option<&EntityView>, w: usize) -> f64 {
 }
 
 /// The feature vector of `tx` given what was known before it.
-pub fn extract(tx: &Transaction, s: &Snapshot) -> FeatureVector {
+pub fn extract(tx: &Transaction, s: &Views) -> FeatureVector {
     let amount = tx.amount;
     let secs_of_day = tx.event_time.rem_euclid(86_400) as f64;
     // 1970-01-01 was a Thursday: day 0 -> weekday 4 (Sunday = 0).

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use chrono::NaiveDate;
 
-use crate::backtest::{self, metrics, Answered, ReplayParams};
+use crate::backtest::{self, figures, Answered, ReplayParams};
 
 const DAY: i64 = 86_400;
 
@@ -252,10 +252,10 @@ pub fn test_set<'a>(answers: &'a [Answered], protocol: &Protocol) -> Vec<&'a Ans
 pub fn evaluate(
     answers: &[Answered],
     protocol: &Protocol,
-) -> anyhow::Result<metrics::BacktestReport> {
+) -> anyhow::Result<figures::BacktestReport> {
     let test = test_set(answers, protocol);
     anyhow::ensure!(!test.is_empty(), "no answer in the test period");
-    metrics::measure(&test, protocol.k)
+    figures::measure(&test, protocol.k)
 }
 
 /// Replays `work`'s replay file through `server` and measures the test week; the report's
@@ -265,7 +265,7 @@ pub async fn run(
     server: &str,
     token: Option<String>,
     protocol: &Protocol,
-) -> anyhow::Result<metrics::BacktestReport> {
+) -> anyhow::Result<figures::BacktestReport> {
     let params = ReplayParams {
         input: replay_file(work),
         server: server.to_owned(),

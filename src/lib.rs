@@ -17,6 +17,7 @@ pub mod domain;
 pub mod drift;
 pub mod engine;
 pub mod error;
+pub mod evaluate;
 pub mod export;
 pub mod features;
 pub mod grpc;

@@ -15,7 +15,7 @@ use crate::error::Usage;
 use crate::features::{FeatureVector, FEATURES, N_FEATURES};
 use crate::ids::{entity_key, ip_key, EntityKey, EntityKind};
 use crate::model::{Prediction, Thresholds};
-use crate::state::Snapshot;
+use crate::state::Views;
 
 /// The policy file as written.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -221,7 +221,7 @@ impl Policy {
     pub fn decide(
         &self,
         tx: &Transaction,
-        snapshot: &Snapshot,
+        snapshot: &Views,
         features: &FeatureVector,
         prediction: &Prediction,
         anomaly_weight: f64,

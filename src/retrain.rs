@@ -20,9 +20,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::drift::DriftReference;
+use crate::evaluate;
 use crate::features::{FeatureVector, N_FEATURES};
 use crate::model::forest::{fit_smartcore, CompiledForest, ForestParams};
-use crate::model::{ClassifierMeta, Metrics, Model, Thresholds, TrainingSummary};
+use crate::model::{ClassifierMeta, Model, Quality, Thresholds, TrainingSummary};
 use crate::train::{self, rfc3339};
 
 /// How to retrain.
@@ -62,8 +63,8 @@ impl Default for RetrainParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     pub champion_version: String,
-    pub challenger: Metrics,
-    pub champion: Metrics,
+    pub challenger: Quality,
+    pub champion: Quality,
     /// First and last event time of the evaluation set, RFC 3339.
     pub eval_period: [String; 2],
     pub fitted_rows: usize,
@@ -214,16 +215,16 @@ pub fn challenger(
         })
         .collect();
 
-    let deny = train::threshold_for_precision(&challenger_scores, &truth, params.deny_precision);
+    let deny = evaluate::threshold_for_precision(&challenger_scores, &truth, params.deny_precision);
     let review =
-        train::threshold_for_precision(&challenger_scores, &truth, params.review_precision)
-            .max(train::quantile(
+        evaluate::threshold_for_precision(&challenger_scores, &truth, params.review_precision)
+            .max(evaluate::quantile(
                 &challenger_scores,
                 1.0 - params.max_review_rate,
             ))
             .min(deny);
-    let challenger_metrics = train::metrics(&challenger_scores, &truth);
-    let champion_metrics = train::metrics(&champion_scores, &truth);
+    let challenger_metrics = evaluate::metrics(&challenger_scores, &truth);
+    let champion_metrics = evaluate::metrics(&champion_scores, &truth);
 
     let (first, last) = (rows[0].time, rows[rows.len() - 1].time);
     let eval_period = [

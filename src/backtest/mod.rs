@@ -2,14 +2,14 @@
 //! event-time order over one `ScoreStream`; each fraud label is reported through
 //! `ReportFeedback` `label_delay` after its transaction (before the first transaction at or
 //! after that time is sent, as chargebacks arrive in production); then the answers of the
-//! evaluation period are measured ([`metrics`]) and written as a report ([`report`]).
+//! evaluation period are measured ([`figures`]) and written as a report ([`report`]).
 //!
 //! Feedback must reach the server after the transaction it labels was scored and before any
 //! later transaction is: before each report, the replay waits until every answer sent so far
 //! has come back. A reader task collects answers as they arrive, so the stream never stalls
 //! on flow control.
 
-pub mod metrics;
+pub mod figures;
 pub mod report;
 
 use std::collections::VecDeque;
@@ -205,12 +205,12 @@ pub async fn replay(params: &ReplayParams) -> anyhow::Result<Vec<Answered>> {
 }
 
 /// Replays, measures the evaluation period and writes the report; returns its figures.
-pub async fn run(params: &ReplayParams) -> anyhow::Result<metrics::BacktestReport> {
+pub async fn run(params: &ReplayParams) -> anyhow::Result<figures::BacktestReport> {
     let answers = replay(params).await?;
     let from = params.eval_from.unwrap_or(i64::MIN);
     let eval: Vec<&Answered> = answers.iter().filter(|a| a.event_time >= from).collect();
     anyhow::ensure!(!eval.is_empty(), "no transaction in the evaluation period");
-    let figures = metrics::measure(&eval, params.k)?;
+    let figures = figures::measure(&eval, params.k)?;
     report::write(&params.output, &figures, &eval)?;
     Ok(figures)
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use plotters::prelude::*;
 
-use super::metrics::BacktestReport;
+use super::figures::BacktestReport;
 use super::Answered;
 
 /// Writes every file into `dir` (created if missing).

@@ -65,7 +65,7 @@ impl Ledger {
     /// Records a successful heartbeat (after checking the lease had not run out before it:
     /// a paused process resumes with its heartbeat and its consumers racing).
     pub(crate) fn renewed(&self) {
-        let _ = self.lease_held();
+        let _ = self.check_lease();
         let now = self.epoch.elapsed().as_millis() as u64;
         self.renewed_ms.store(now.max(1), Ordering::Release);
     }
@@ -75,11 +75,13 @@ impl Ledger {
         self.lapsed.swap(false, Ordering::AcqRel)
     }
 
-    /// Whether this process may still act as an owner: it renewed its membership within half
-    /// the membership's lifetime. Another node takes a role only after the membership has
+    /// Checks whether this process may still act as an owner: it renewed its membership
+    /// within half the membership's lifetime. Not a plain query: a lease found run out is
+    /// recorded as a lapse (which [`Ledger::take_lapse`] then reports), so the check and
+    /// the fence that follows it cannot disagree. Another node takes a role only after the membership has
     /// expired, so an owner that cannot renew (cut off, or paused) stops acting well before
     /// anyone else can start: at most one owner acts at a time.
-    pub fn lease_held(&self) -> bool {
+    pub fn check_lease(&self) -> bool {
         let renewed = self.renewed_ms.load(Ordering::Acquire);
         let now = self.epoch.elapsed().as_millis() as u64;
         let fresh =

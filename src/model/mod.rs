@@ -32,7 +32,7 @@ pub struct Thresholds {
 
 /// Quality of a model on data it was not trained on.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
+pub struct Quality {
     pub rows: usize,
     pub frauds: usize,
     pub auc_roc: f64,
@@ -92,7 +92,7 @@ pub struct ModelMeta {
     pub anomaly_weight: f64,
     pub thresholds: Thresholds,
     pub training: Option<TrainingSummary>,
-    pub holdout: Option<Metrics>,
+    pub holdout: Option<Quality>,
     /// Bins of the score and of each feature on the validation period, for drift
     /// monitoring (absent in models trained before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -28,7 +28,7 @@ type Map<V> = Partitioned<V>;
 
 /// What was known, before a transaction, about each entity it involves.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Snapshot {
+pub struct Views {
     pub account: AccountView,
     pub merchant: EntityView,
     /// The merchant's reported fraud as known with the model's label delay.
@@ -130,22 +130,22 @@ pub struct Cut {
 
 /// Which of a transaction's entities a replayed change still has to be applied to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pending {
+pub struct Targets {
     pub account: bool,
     pub merchant: bool,
     pub device: bool,
     pub ip: bool,
 }
 
-impl Pending {
-    pub const ALL: Pending = Pending {
+impl Targets {
+    pub const ALL: Targets = Targets {
         account: true,
         merchant: true,
         device: true,
         ip: true,
     };
     /// The shared entities only: another cluster node's account is not ours.
-    pub const SHARED: Pending = Pending {
+    pub const SHARED: Targets = Targets {
         account: false,
         merchant: true,
         device: true,
@@ -153,7 +153,7 @@ impl Pending {
     };
     /// The account only: a cluster node rebuilding a partition it took over, whose shared
     /// entities already hold that traffic.
-    pub const ACCOUNT: Pending = Pending {
+    pub const ACCOUNT: Targets = Targets {
         account: true,
         merchant: false,
         device: false,
@@ -162,10 +162,10 @@ impl Pending {
 }
 
 impl Cut {
-    pub fn pending(&self, facts: &TxFacts, seq: u64) -> Pending {
+    pub fn pending(&self, facts: &TxFacts, seq: u64) -> Targets {
         let after =
             |cuts: &[u64], key: EntityKey| seq > cuts.get(partition(key)).copied().unwrap_or(0);
-        Pending {
+        Targets {
             account: after(&self.accounts, facts.account),
             merchant: after(&self.merchants, facts.merchant),
             device: facts.device.is_some_and(|k| after(&self.devices, k)),
@@ -195,14 +195,14 @@ impl State {
 
     /// Returns what was known before `tx` (fraud labels arriving `delay_secs` after their
     /// payment) and records `tx` in every window it belongs to.
-    pub fn observe(&self, tx: &Transaction, delay_secs: i64) -> Snapshot {
+    pub fn observe(&self, tx: &Transaction, delay_secs: i64) -> Views {
         let t = tx.event_time;
         let account = self.observe_in_account(tx);
         let (merchant, merchant_risk) =
             observe_merchant(&self.merchants, tx.merchant, t, tx.amount, delay_secs);
         let device = tx.device.map(|k| observe(&self.devices, k, t, tx.amount));
         let ip = tx.ip.map(|k| observe(&self.ips, k, t, tx.amount));
-        Snapshot {
+        Views {
             account,
             merchant,
             merchant_risk,
@@ -213,7 +213,7 @@ impl State {
 
     /// [`State::observe`] for a cluster node: the account records `tx`; its merchant, device
     /// and IP are only read (they take `tx` when the node follows it in the ledger).
-    pub fn observe_account(&self, tx: &Transaction, delay_secs: i64) -> Snapshot {
+    pub fn observe_account(&self, tx: &Transaction, delay_secs: i64) -> Views {
         let t = tx.event_time;
         let account = self.observe_in_account(tx);
         let view = |map: &Map<EntityState>, key: EntityKey| {
@@ -229,7 +229,7 @@ impl State {
                 || MerchantState::default().view(t, delay_secs),
                 |m| m.view(t, delay_secs),
             );
-        Snapshot {
+        Views {
             account,
             merchant,
             merchant_risk,
@@ -331,9 +331,9 @@ impl State {
     pub fn replay_observe(
         &self,
         tx: &Transaction,
-        pending: Pending,
+        pending: Targets,
         delay_secs: i64,
-    ) -> Option<Snapshot> {
+    ) -> Option<Views> {
         let everything = pending.account
             && pending.merchant
             && (pending.device || tx.device.is_none())
@@ -363,11 +363,11 @@ impl State {
     /// Adds `delta` (+1 fraud, -1 correction) to the fraud counts of every entity of a past
     /// transaction, in the buckets of its event time.
     pub fn add_fraud(&self, facts: &TxFacts, delta: i32) {
-        self.add_fraud_to(facts, delta, Pending::ALL);
+        self.add_fraud_to(facts, delta, Targets::ALL);
     }
 
     /// [`State::add_fraud`], only to the entities in `pending` (replay).
-    pub fn add_fraud_to(&self, facts: &TxFacts, delta: i32, pending: Pending) {
+    pub fn add_fraud_to(&self, facts: &TxFacts, delta: i32, pending: Targets) {
         let t = facts.event_time;
         if pending.account {
             if let Some(mut a) = self.accounts.map(facts.account).get_mut(&facts.account) {

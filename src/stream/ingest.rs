@@ -226,7 +226,7 @@ impl Ingest {
                     continue;
                 }
                 failing = 0;
-                if self.ledger.as_ref().is_some_and(|l| !l.lease_held()) {
+                if self.ledger.as_ref().is_some_and(|l| !l.check_lease()) {
                     // A cluster node that could not renew its membership may have lost
                     // this role: it leaves the messages to whoever owns it now.
                     warn!(%subject, "cluster membership not renewed: leaving this batch");

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use super::Answered;
+use crate::evaluate;
 use crate::proto::Decision;
-use crate::train::{self, rfc3339};
+use crate::train::rfc3339;
 
 /// Precision and recall of one decision (or of review and deny together).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -118,7 +119,7 @@ fn decision_figures(
 pub fn measure(answers: &[&Answered], k: usize) -> anyhow::Result<BacktestReport> {
     let scores: Vec<f64> = answers.iter().map(|a| a.score).collect();
     let truth: Vec<bool> = answers.iter().map(|a| a.fraud).collect();
-    let m = train::metrics(&scores, &truth);
+    let m = evaluate::metrics(&scores, &truth);
     let decisions = vec![
         decision_figures("allow", answers, |d| d == Decision::Allow, m.frauds),
         decision_figures("review", answers, |d| d == Decision::Review, m.frauds),
