@@ -74,12 +74,20 @@ impl ServerProcess {
         } else {
             &["--metrics-listen", "127.0.0.1:0"]
         };
+        // The addresses are read from the server's info lines: keep them whatever the test's
+        // RUST_LOG filters out.
+        let filter = env
+            .iter()
+            .find(|(k, _)| *k == "RUST_LOG")
+            .map_or("info".to_owned(), |(_, v)| v.to_string());
+        let filter = format!("{filter},fraudgate::grpc::server=info");
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(listen)
             .args(metrics)
             .args(args)
             .envs(env.iter().copied())
+            .env("RUST_LOG", filter)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
