@@ -48,7 +48,7 @@ impl Gateway {
         tx: &Transaction,
         req: &proto::ScoreRequest,
     ) -> Result<proto::ScoreResponse, Status> {
-        let subject = format!("{}.part.{}", self.nats.config.prefix, partition(tx.account));
+        let subject = self.nats.partition_subject(partition(tx.account));
         let answer = self.call(subject, req.encode_to_vec(), &tx.id).await?;
         proto::ScoreResponse::decode(answer)
             .map_err(|e| Status::internal(format!("the owner's answer did not decode: {e}")))

@@ -233,7 +233,7 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
                     kind: Kind::Transactions,
                     stream: nats.stream_name("partitioned"),
                     durable: format!("{}-part-{p}", nats.config.consumer),
-                    filter: format!("{}.part.{p}", nats.config.prefix),
+                    filter: nats.partition_subject(p),
                     only_new: false,
                     start_at: None,
                 }

@@ -41,7 +41,7 @@ pub async fn route(nats: &Nats, metrics: &Arc<Metrics>, messages: Vec<Message>) 
                 .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
                 .ok()?;
             let p = partition_of(&message.payload);
-            Some((message, format!("{}.part.{p}", nats.config.prefix), id))
+            Some((message, nats.partition_subject(p), id))
         })
         .collect();
     let mut pending: Vec<usize> = (0..copies.len()).collect();

@@ -120,6 +120,12 @@ impl Nats {
         format!("{}.{kind}", self.config.prefix)
     }
 
+    /// `<prefix>.part.<p>`: the inputs of account partition `p` (cluster mode), written in
+    /// one place for the router, the owners' consumers and the gRPC door.
+    pub fn partition_subject(&self, p: usize) -> String {
+        format!("{}.part.{p}", self.config.prefix)
+    }
+
     /// `<PREFIX>_<KIND>`, with characters streams do not allow turned into `_`.
     pub fn stream_name(&self, kind: &str) -> String {
         format!("{}_{kind}", self.config.prefix)
