@@ -21,16 +21,13 @@ pub fn metrics(scores: &[f64], truth: &[bool]) -> Quality {
     }
 }
 
-/// Average precision: the mean, over frauds, of the precision at the score of each fraud
-/// (tied scores are taken together, as scikit-learn does).
-pub fn average_precision(scores: &[f64], truth: &[bool]) -> f64 {
-    let total = truth.iter().filter(|&&t| t).count();
-    if total == 0 {
-        return f64::NAN;
-    }
+/// Every distinct score, highest first, with the frauds and payments scored at or above it:
+/// the cut points both [`average_precision`] and [`threshold_for_precision`] walk (tied
+/// scores taken together, as scikit-learn does).
+fn cuts(scores: &[f64], truth: &[bool]) -> Vec<(f64, usize, usize)> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let (mut tp, mut seen, mut ap, mut last_recall) = (0usize, 0usize, 0.0, 0.0);
+    let (mut tp, mut seen, mut out) = (0usize, 0usize, Vec::new());
     let mut i = 0;
     while i < order.len() {
         let s = scores[order[i]];
@@ -39,6 +36,20 @@ pub fn average_precision(scores: &[f64], truth: &[bool]) -> f64 {
             seen += 1;
             i += 1;
         }
+        out.push((s, tp, seen));
+    }
+    out
+}
+
+/// Average precision: the mean, over frauds, of the precision at the score of each fraud
+/// (tied scores are taken together, as scikit-learn does).
+pub fn average_precision(scores: &[f64], truth: &[bool]) -> f64 {
+    let total = truth.iter().filter(|&&t| t).count();
+    if total == 0 {
+        return f64::NAN;
+    }
+    let (mut ap, mut last_recall) = (0.0, 0.0);
+    for (_, tp, seen) in cuts(scores, truth) {
         let recall = tp as f64 / total as f64;
         ap += (recall - last_recall) * (tp as f64 / seen as f64);
         last_recall = recall;
@@ -49,17 +60,8 @@ pub fn average_precision(scores: &[f64], truth: &[bool]) -> f64 {
 /// The lowest threshold at which the payments scored at or above it are at least `precision`
 /// fraud (1.0, i.e. never, if no threshold reaches it).
 pub fn threshold_for_precision(scores: &[f64], truth: &[bool], precision: f64) -> f64 {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let (mut tp, mut seen, mut best) = (0usize, 0usize, 1.0f64);
-    let mut i = 0;
-    while i < order.len() {
-        let s = scores[order[i]];
-        while i < order.len() && scores[order[i]] == s {
-            tp += usize::from(truth[order[i]]);
-            seen += 1;
-            i += 1;
-        }
+    let mut best = 1.0f64;
+    for (s, tp, seen) in cuts(scores, truth) {
         if tp as f64 >= precision * seen as f64 && tp > 0 {
             best = s;
         }

@@ -15,25 +15,34 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Lines of code (not comments) under `src/` outside `allowed` that name `module`.
-fn reaches(module: &str, allowed: &[&str]) -> Vec<String> {
+/// Every source file under `src/`: its path relative to `src/` and its text.
+fn source_texts() -> Vec<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     sources(&root, &mut files);
+    files
+        .into_iter()
+        .map(|file| {
+            let rel = file
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            (rel, std::fs::read_to_string(&file).unwrap())
+        })
+        .collect()
+}
+
+/// Lines of code (not comments) under `src/` outside `allowed` that name `module`.
+fn reaches(module: &str, allowed: &[&str]) -> Vec<String> {
     let mut found = Vec::new();
-    for file in files {
-        let rel = file
-            .strip_prefix(&root)
-            .unwrap()
-            .to_string_lossy()
-            .replace('\\', "/");
+    for (rel, text) in source_texts() {
         if allowed
             .iter()
             .any(|a| rel == *a || rel.starts_with(&format!("{a}/")))
         {
             continue;
         }
-        let text = std::fs::read_to_string(&file).unwrap();
         for (n, line) in text.lines().enumerate() {
             let code = line.trim_start();
             if code.starts_with("//") {
@@ -122,17 +131,9 @@ fn the_core_knows_no_door() {
 /// The crate's top-level modules and, for each, the top-level modules its code names
 /// (`crate::x`, comments left out): the module graph, from the source.
 fn module_graph() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    sources(&root, &mut files);
     let mut graph: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
         Default::default();
-    for file in files {
-        let rel = file
-            .strip_prefix(&root)
-            .unwrap()
-            .to_string_lossy()
-            .replace('\\', "/");
+    for (rel, text) in source_texts() {
         let module = rel
             .split('/')
             .next()
@@ -142,7 +143,6 @@ fn module_graph() -> std::collections::BTreeMap<String, std::collections::BTreeS
         if module == "main" || module == "lib" {
             continue;
         }
-        let text = std::fs::read_to_string(&file).unwrap();
         let edges = graph.entry(module.clone()).or_default();
         for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
             let mut rest = line;
