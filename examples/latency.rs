@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use fraudgate::dataset;
 use fraudgate::engine::{Engine, EngineConfig};
-use fraudgate::grpc::server::{self, ServeConfig};
 use fraudgate::model::Model;
 use fraudgate::policy::{Policy, PolicyFile};
 use fraudgate::proto::fraud_scorer_client::FraudScorerClient;
+use fraudgate::serve::{self as server, ServeConfig};
 use fraudgate::sim::{self, SimParams};
 use hdrhistogram::Histogram;
 
@@ -68,9 +68,17 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server::run(listener, ServeConfig::default(), async {
-        let _ = stopped.await;
-    }));
+    let serving = tokio::spawn(server::run(
+        listener,
+        ServeConfig {
+            data_dir: None,
+            metrics_listen: None,
+            ..ServeConfig::default()
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let mut client = loop {
         if let Ok(c) = FraudScorerClient::connect(format!("http://{addr}")).await {
             if c.clone().score(requests[0].request.clone()).await.is_ok() {

@@ -26,5 +26,8 @@ for module, edges in graph.items():
     print(f"{module} -> {' '.join(sorted(edges))}")
 pairs = sorted({tuple(sorted((a, b))) for a, e in graph.items() for b in e if a in graph.get(b, ())})
 print("modules importing each other:", ", ".join(f"{a} <-> {b}" for a, b in pairs) or "none")
-below = sorted(m for m, e in graph.items() if "grpc" in e and m != "grpc")
-print("modules below grpc/ that import it:", ", ".join(below) or "none")
+# Those allowed above a door: start-up (serve) and the command line (cli).
+top = {"serve", "cli"}
+for door in ["grpc", "stream", "cluster", "serve"]:
+    below = sorted(m for m, e in graph.items() if door in e and m != door and m not in top)
+    print(f"modules below {door}/ that import it:", ", ".join(below) or "none")

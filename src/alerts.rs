@@ -42,19 +42,6 @@ pub struct AlertConfig {
     pub timeout: Duration,
 }
 
-impl Default for AlertConfig {
-    fn default() -> Self {
-        AlertConfig {
-            on_review: true,
-            on_deny: true,
-            webhook: None,
-            queue: 10_000,
-            retries: 5,
-            timeout: Duration::from_secs(5),
-        }
-    }
-}
-
 /// The NATS side of alerting: the JetStream context once connected (NATS may come up
 /// after fraudgate; until then a delivery attempt fails and is retried), the subject and
 /// the encoding.

@@ -8,6 +8,7 @@
 
 use std::ffi::OsString;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::parser::ValueSource;
@@ -132,4 +133,51 @@ pub fn file_args(
         used.ids.push(id);
     }
     Ok(used)
+}
+
+/// Parses `argv` with `cmd` (its subcommand `sub` given environment variables), and, when
+/// that subcommand names a `--config` file, again with the file's settings added. Returns
+/// the matches and the ids of the settings the file gave.
+pub fn matches(
+    cmd: Command,
+    sub: &str,
+    argv: Vec<OsString>,
+) -> anyhow::Result<(ArgMatches, Vec<String>)> {
+    let cmd = with_env(cmd, sub);
+    let matches = cmd.clone().try_get_matches_from(&argv)?;
+    let Some(path) = matches
+        .subcommand_matches(sub)
+        .and_then(|m| m.get_one::<std::path::PathBuf>("config"))
+    else {
+        return Ok((matches, Vec::new()));
+    };
+    let file = file_args(&cmd, sub, subcommand_matches(&matches, sub)?, path)?;
+    let argv = argv.into_iter().chain(file.args);
+    let matches = cmd
+        .try_get_matches_from(argv)
+        .with_context(|| format!("a setting in the config file {}", path.display()))?;
+    Ok((matches, file.ids))
+}
+
+fn subcommand_matches<'a>(matches: &'a ArgMatches, sub: &str) -> anyhow::Result<&'a ArgMatches> {
+    matches
+        .subcommand_matches(sub)
+        .with_context(|| format!("no {sub} settings"))
+}
+
+/// A duration flag's value: `7d`, `36h`, `90s`.
+pub fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (try 7d, 36h, 90s)"))
+}
+
+/// A duration, or none (`off`).
+#[derive(Debug, Clone, Copy)]
+pub struct DurationOrOff(pub Option<Duration>);
+
+/// A duration flag's value that may be `off`.
+pub fn duration_or_off(text: &str) -> Result<DurationOrOff, String> {
+    if text == "off" {
+        return Ok(DurationOrOff(None));
+    }
+    duration(text).map(|d| DurationOrOff(Some(d)))
 }

@@ -43,15 +43,17 @@ pub struct RetrainParams {
     pub max_review_rate: f64,
 }
 
-impl Default for RetrainParams {
-    fn default() -> Self {
+impl RetrainParams {
+    /// The settings `serve` takes as flags (`--retrain-*`, whose defaults are in
+    /// `serve/settings.rs`), with the rest fixed here.
+    pub fn new(maturity_secs: i64, max_fit_rows: usize, forest: ForestParams) -> RetrainParams {
         RetrainParams {
-            maturity_secs: 30 * 86_400,
+            maturity_secs,
             eval_share: 0.2,
-            max_fit_rows: 150_000,
+            max_fit_rows,
             max_eval_rows: 200_000,
             min_frauds: 20,
-            forest: ForestParams::default(),
+            forest,
             review_precision: 0.2,
             deny_precision: 0.8,
             max_review_rate: 0.02,

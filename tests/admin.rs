@@ -12,11 +12,11 @@ use std::sync::Arc;
 use common::process::ServerProcess;
 use common::TestServer;
 use fraudgate::dataset::{self, LabelledRequest};
-use fraudgate::grpc::server::{ModelSource, ServeConfig};
 use fraudgate::model::forest::ForestParams;
 use fraudgate::proto::fraud_scorer_client::FraudScorerClient;
 use fraudgate::proto::{self, model_admin_client::ModelAdminClient};
 use fraudgate::retrain::RetrainParams;
+use fraudgate::serve::{ModelSource, ServeConfig};
 use fraudgate::sim::{self, SimParams};
 use fraudgate::train::{self, TrainParams};
 use tonic::transport::Channel;
@@ -69,9 +69,9 @@ fn config(data: &std::path::Path, model: ModelSource) -> ServeConfig {
         retrain: RetrainParams {
             maturity_secs: 86_400,
             min_frauds: 10,
-            ..RetrainParams::default()
+            ..ServeConfig::default().retrain
         },
-        ..ServeConfig::default()
+        ..common::config()
     }
 }
 

@@ -12,9 +12,8 @@ use axum::http::{HeaderMap, StatusCode};
 use common::nats::{read_stream, NatsServer};
 use common::{metric_value, req, scrape, tx, TestServer};
 use fraudgate::alerts::AlertConfig;
-use fraudgate::grpc::server::ServeConfig;
 use fraudgate::proto;
-use fraudgate::stream::NatsConfig;
+use fraudgate::serve::{ServeConfig, Settings};
 use prost::Message;
 
 /// Every request the webhook received: idempotency key and JSON body.
@@ -72,17 +71,14 @@ async fn server(
     let server = TestServer::start_with(ServeConfig {
         policy: Some(policy),
         metrics_listen: Some(metrics),
-        nats: Some(NatsConfig {
-            url: nats.url(),
-            ..NatsConfig::default()
-        }),
+        nats: Some(Settings::default().nats_config(nats.url())),
         alerts: AlertConfig {
             webhook: Some(webhook),
             queue,
             retries: 2,
-            ..AlertConfig::default()
+            ..ServeConfig::default().alerts
         },
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     common::nats::wait_for_fraudgate(&nats.jetstream().await).await;

@@ -57,10 +57,10 @@ fn reaches(module: &str, allowed: &[&str]) -> Vec<String> {
 }
 
 /// Architecture Invariant: nothing below the gRPC door imports it; protobuf conversions
-/// live in `wire/`, start-up in the binary's `serve`.
+/// live in `wire/`, start-up in `serve/`.
 #[test]
 fn nothing_below_the_grpc_door_imports_it() {
-    let found = reaches("grpc", &["grpc", "main.rs"]);
+    let found = reaches("grpc", &["grpc", "serve", "cli"]);
     assert!(
         found.is_empty(),
         "imports of grpc/ from below it:\n{}",
@@ -161,12 +161,41 @@ fn module_graph() -> std::collections::BTreeMap<String, std::collections::BTreeS
     graph
 }
 
-/// Architecture Invariant: no two modules import each other, but for the pairs still
-/// listed here (issue 15: the NATS layer both doors will share).
+/// Architecture Invariant: `serve` (start-up) is imported by the command line alone, and the
+/// command line by nothing: the top of the library stays the top.
+#[test]
+fn only_the_command_line_starts_the_server() {
+    let serve = reaches("serve", &["serve", "cli"]);
+    let cli = reaches("cli", &["cli"]);
+    assert!(
+        serve.is_empty() && cli.is_empty(),
+        "imports of serve/ or cli/ from below them:\n{}",
+        [serve, cli].concat().join("\n")
+    );
+}
+
+/// Architecture Invariant: the stream door never names the cluster (a cluster node hands it
+/// a `stream::Record`), and the NATS layer names no door at all.
+#[test]
+fn the_nats_layers_know_what_is_above_them_only_through_handlers() {
+    let stream = reaches("cluster", &["cluster", "serve", "cli", "grpc"]);
+    let nats: Vec<_> = ["stream", "cluster", "grpc", "serve", "alerts"]
+        .iter()
+        .flat_map(|door| reaches(door, &[door, "stream", "cluster", "grpc", "serve", "cli"]))
+        .filter(|line| line.starts_with("src/nats.rs"))
+        .collect();
+    assert!(
+        stream.is_empty() && nats.is_empty(),
+        "the stream door or the NATS layer reaching up:\n{}",
+        [stream, nats].concat().join("\n")
+    );
+}
+
+/// Architecture Invariant: no two modules import each other.
 #[test]
 fn no_two_modules_import_each_other() {
     let graph = module_graph();
-    let known: &[(&str, &str)] = &[("cluster", "stream")];
+    let known: &[(&str, &str)] = &[];
     let mut cycles = Vec::new();
     for (a, edges) in &graph {
         for b in edges {

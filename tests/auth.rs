@@ -7,7 +7,7 @@ mod common;
 
 use common::{req, tx, TestServer};
 use fraudgate::grpc::auth::Tokens;
-use fraudgate::grpc::server::ServeConfig;
+use fraudgate::serve::ServeConfig;
 use tonic::Code;
 
 const TOKEN: &str = "test-token-0123456789";
@@ -30,7 +30,7 @@ async fn calls_need_an_accepted_bearer_token_and_health_stays_open() {
     let server = TestServer::start_with(ServeConfig {
         metrics_listen: Some(metrics),
         tokens: Some(Tokens::parse(&format!("{TOKEN}\nother-token-0123456789")).unwrap()),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let mut client = server.client().await;
@@ -81,7 +81,7 @@ async fn admin_calls_need_the_admin_token() {
     let server = TestServer::start_with(ServeConfig {
         tokens: Some(Tokens::parse(TOKEN).unwrap()),
         admin_tokens: Some(Tokens::parse(ADMIN).unwrap()),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let mut admin =
@@ -192,7 +192,7 @@ async fn admin_codes(
 async fn a_scoring_token_never_administers() {
     let server = TestServer::start_with(ServeConfig {
         tokens: Some(Tokens::parse_list(TOKEN).unwrap()),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let codes = admin_codes(server.channel().await, TOKEN).await;
@@ -205,7 +205,7 @@ async fn a_scoring_token_never_administers() {
     let server = TestServer::start_with(ServeConfig {
         tokens: Some(Tokens::parse_list(TOKEN).unwrap()),
         admin_tokens: Some(Tokens::parse("ops:admin-token-0123456789").unwrap()),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     for (rpc, code, message) in admin_codes(server.channel().await, TOKEN).await {
@@ -232,7 +232,7 @@ async fn roles_and_the_bearer_scheme() {
     let server = TestServer::start_with(ServeConfig {
         tokens: Some(Tokens::parse(&format!("payments:{TOKEN}\nops:{BOTH}")).unwrap()),
         admin_tokens: Some(Tokens::parse(&format!("admin:{ADMIN}\nops:{BOTH}")).unwrap()),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let mut client = server.client().await;
@@ -268,8 +268,8 @@ async fn roles_and_the_bearer_scheme() {
 /// the token itself appears in no file of the data directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promotion_records_the_admin_tokens_name_never_the_token() {
-    use fraudgate::grpc::server::ModelSource;
     use fraudgate::proto;
+    use fraudgate::serve::ModelSource;
     const ADMIN: &str = "admin-secret-0123456789";
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -288,7 +288,7 @@ async fn a_promotion_records_the_admin_tokens_name_never_the_token() {
         data_dir: Some(data.clone()),
         tokens: Some(Tokens::parse_list(TOKEN).unwrap()),
         admin_tokens: Some(Tokens::parse(&format!("alice@fraud-ops:{ADMIN}")).unwrap()),
-        ..ServeConfig::default()
+        ..common::config()
     };
     // The first start registers the first model; the second start the second.
     TestServer::start_with(config(&first))

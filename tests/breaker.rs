@@ -5,8 +5,8 @@
 mod common;
 
 use common::{metric_value, req, scrape, tx, TestServer};
-use fraudgate::grpc::server::ServeConfig;
 use fraudgate::proto::{Decision, ScoreResponse};
+use fraudgate::serve::ServeConfig;
 
 const POLICY: &str = r#"
 [blocklist]
@@ -29,7 +29,7 @@ async fn the_breaker_downgrades_denials_above_the_ceiling_and_recovers() {
     let server = TestServer::start_with(ServeConfig {
         policy: Some(policy),
         metrics_listen: Some(metrics),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let client = server.client().await;
@@ -110,11 +110,11 @@ async fn a_bad_breaker_section_is_refused_naming_the_field() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, "[decline_breaker]\nmax_deny_share = 2.0\n").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = fraudgate::grpc::server::run(
+    let err = fraudgate::serve::run(
         listener,
         ServeConfig {
             policy: Some(policy),
-            ..ServeConfig::default()
+            ..common::config()
         },
         std::future::pending(),
     )

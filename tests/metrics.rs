@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use common::{fraud, metric_value as value, req, scrape, tx, TestServer};
-use fraudgate::grpc::server::ServeConfig;
+use fraudgate::serve::ServeConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_calls_decisions_and_feedback_and_pass_promtool() {
@@ -15,7 +15,7 @@ async fn metrics_count_calls_decisions_and_feedback_and_pass_promtool() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let server = TestServer::start_with(ServeConfig {
         metrics_listen: Some(addr),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let mut client = server.client().await;

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use common::{metric_value, scrape, TestServer};
 use fraudgate::dataset::{self, LabelledRequest};
-use fraudgate::grpc::server::ServeConfig;
 use fraudgate::proto::{self, Decision};
+use fraudgate::serve::ServeConfig;
 use fraudgate::sim::{self, SimParams};
 
 fn psi(body: &str, variable: &str) -> f64 {
@@ -68,7 +68,7 @@ async fn drift_and_decision_precision_show_on_metrics() {
         .unwrap();
     let server = TestServer::start_with(ServeConfig {
         metrics_listen: Some(metrics),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let mut client = server.client().await;

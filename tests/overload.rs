@@ -4,8 +4,8 @@
 mod common;
 
 use common::{req, tx, TestServer};
-use fraudgate::grpc::server::ServeConfig;
 use fraudgate::journal::Durability;
+use fraudgate::serve::ServeConfig;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,7 +17,7 @@ async fn a_burst_beyond_the_bound_is_shed_and_the_server_recovers() {
         data_dir: Some(dir.path().to_owned()),
         durability: Durability::Sync,
         max_in_flight_per_connection: 4,
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let client = server.client().await;

@@ -3,8 +3,8 @@
 mod common;
 
 use common::{reason, req, tx, TestServer};
-use fraudgate::grpc::server::ServeConfig;
 use fraudgate::proto::Decision;
+use fraudgate::serve::ServeConfig;
 
 async fn server_with_policy(toml: &str) -> (TestServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -12,7 +12,7 @@ async fn server_with_policy(toml: &str) -> (TestServer, tempfile::TempDir) {
     std::fs::write(&path, toml).unwrap();
     let server = TestServer::start_with(ServeConfig {
         policy: Some(path),
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     (server, dir)
@@ -183,7 +183,7 @@ async fn shadow_mode_answers_allow_and_journals_the_real_decision() {
         data_dir: Some(dir.path().join("data")),
         durability: fraudgate::journal::Durability::Sync,
         shadow: true,
-        ..ServeConfig::default()
+        ..common::config()
     })
     .await;
     let mut client = server.client().await;

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use common::process::ServerProcess;
 use common::{req, tx, TestServer};
-use fraudgate::grpc::server::ServeConfig;
 use fraudgate::grpc::tls::TlsFiles;
 use fraudgate::proto::fraud_scorer_client::FraudScorerClient;
+use fraudgate::serve::ServeConfig;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -121,7 +121,7 @@ async fn tls_serves_clients_that_trust_the_ca_and_refuses_plaintext() {
     let server = TestServer::start_tls(
         ServeConfig {
             tls: Some(pki.files(false)),
-            ..ServeConfig::default()
+            ..common::config()
         },
         Some(pki.client(None)),
     )
@@ -140,7 +140,7 @@ async fn mutual_tls_refuses_clients_without_a_certificate_from_the_ca() {
     let server = TestServer::start_tls(
         ServeConfig {
             tls: Some(pki.files(true)),
-            ..ServeConfig::default()
+            ..common::config()
         },
         Some(pki.client(Some("client"))),
     )

@@ -192,9 +192,9 @@ async fn any_valid_event_time_is_accepted_including_distant_past() {
 
 #[tokio::test]
 async fn event_times_too_far_ahead_are_refused_when_limited() {
-    let server = TestServer::start_with(fraudgate::grpc::server::ServeConfig {
+    let server = TestServer::start_with(fraudgate::serve::ServeConfig {
         max_future_skew: Some(std::time::Duration::from_secs(86_400)),
-        ..Default::default()
+        ..common::config()
     })
     .await;
     let mut client = server.client().await;

@@ -309,12 +309,13 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            let config = fraudgate::grpc::server::ServeConfig {
+            let config = fraudgate::serve::ServeConfig {
                 data_dir: if ephemeral { None } else { data_dir },
                 durability,
+                metrics_listen: None,
                 ..Default::default()
             };
-            fraudgate::grpc::server::run(listener, config, shutdown_signal()).await
+            fraudgate::serve::run(listener, config, shutdown_signal()).await
         }
     }
 }

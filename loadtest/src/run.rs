@@ -483,9 +483,13 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(fraudgate::grpc::server::run(
+        let server = tokio::spawn(fraudgate::serve::run(
             listener,
-            fraudgate::grpc::server::ServeConfig::default(),
+            fraudgate::serve::ServeConfig {
+                data_dir: None,
+                metrics_listen: None,
+                ..Default::default()
+            },
             async {
                 let _ = stopped.await;
             },

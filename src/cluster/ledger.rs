@@ -108,7 +108,7 @@ impl Ledger {
 
     /// `<prefix>.ledger.<p>`.
     pub fn subject(&self, p: usize) -> String {
-        format!("{}.ledger.{p}", self.prefix)
+        crate::nats::ledger_subject(&self.prefix, p)
     }
 
     /// The entry for a fresh scoring of `transaction` in partition `p`, scored as the
@@ -141,10 +141,7 @@ impl Ledger {
         previous: Option<Label>,
         msg_id: String,
     ) -> (String, PublishMessage) {
-        let label = match fb.label {
-            Label::Fraud => proto::Label::Fraud,
-            Label::Legitimate => proto::Label::Legitimate,
-        };
+        let label = proto::Label::from(fb.label);
         let entry = proto::LedgerEntry {
             origin: self.origin.clone(),
             entry: Some(ledger_entry::Entry::Labelled(proto::LedgerLabelled {
@@ -160,6 +157,38 @@ impl Ledger {
         };
         let p = crate::state::partitioned::partition(facts.account);
         (self.subject(p), publish(&entry, msg_id))
+    }
+}
+
+/// The stream door's handlers record through the ledger without naming the cluster.
+impl crate::stream::Record for Ledger {
+    fn check_lease(&self) -> bool {
+        Ledger::check_lease(self)
+    }
+
+    fn runs(&self, p: usize) -> bool {
+        Ledger::runs(self, p)
+    }
+
+    fn scored(
+        &self,
+        p: usize,
+        id: &str,
+        transaction: proto::Transaction,
+        response: proto::ScoreResponse,
+        input_seq: u64,
+    ) -> (String, PublishMessage) {
+        Ledger::scored(self, p, id, transaction, response, input_seq)
+    }
+
+    fn labelled(
+        &self,
+        fb: &Feedback,
+        facts: &TxFacts,
+        previous: Option<Label>,
+        msg_id: String,
+    ) -> (String, PublishMessage) {
+        Ledger::labelled(self, fb, facts, previous, msg_id)
     }
 }
 
@@ -248,7 +277,7 @@ pub(crate) async fn follow(
     let started = Instant::now();
     let mut applied = 0u64;
     let mut next = 1u64;
-    let mut delay = Duration::from_millis(100);
+    let mut retry = crate::nats::Retry::starting_at(Duration::from_millis(100));
     while !*stop.borrow() {
         let opened = async {
             let mut stream = shared.nats.jetstream.get_stream(&stream_name).await?;
@@ -267,14 +296,15 @@ pub(crate) async fn follow(
         let (last, mut messages) = match opened {
             Ok(o) => o,
             Err(e) => {
+                let delay = retry.delay();
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot follow the ledger; retrying");
-                if !crate::stream::back_off(&mut stop, &mut delay).await {
+                if !crate::nats::wait_unless_stopped(&mut stop, delay).await {
                     break;
                 }
                 continue;
             }
         };
-        delay = Duration::from_millis(100);
+        retry.reset();
         if last < next && !*caught_up.borrow() {
             tracing::info!(applied, took = ?started.elapsed(), "ledger followed to its end");
             let _ = caught_up.send(true);

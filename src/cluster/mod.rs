@@ -17,7 +17,6 @@
 //!
 //! A node's state is derived from JetStream alone, so cluster nodes run `--ephemeral`.
 
-pub mod gateway;
 pub mod ledger;
 mod ownership;
 pub mod router;
@@ -32,8 +31,9 @@ use tokio::sync::watch;
 pub use ledger::Ledger;
 
 use crate::metrics::Metrics;
+use crate::nats::{self, Nats, Source};
 use crate::node::Node;
-use crate::stream::Nats;
+use crate::stream::{Ingest, Kind, Record};
 
 /// How long the ledger is kept: the longest window (30 days) and a day of lateness, so any
 /// partition's accounts can be rebuilt from it.
@@ -79,6 +79,23 @@ pub(crate) struct Shared {
     pub owners: kv::Store,
 }
 
+/// Once `connected` holds a connection, runs as [`run`] does, logging why it ended.
+pub async fn run_when_connected(
+    connected: watch::Receiver<Option<Nats>>,
+    config: ClusterConfig,
+    node: Arc<Node>,
+    max_future_skew: Option<Duration>,
+    shadow: bool,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(nats) = Nats::when_connected(connected, &mut stop).await else {
+        return;
+    };
+    let run = run(nats, config, node, max_future_skew, shadow, metrics, stop);
+    nats::logged("cluster", run).await;
+}
+
 /// Creates the cluster's streams and buckets if missing, then runs the node's part of the
 /// cluster until `stop`: heartbeat, ledger follower, ownership (router and partitions) and
 /// feedback. On `stop` the node finishes its batches and releases what it owns, so the
@@ -96,13 +113,13 @@ pub async fn run(
     for (kind, subjects, max_age, duplicate_window) in [
         (
             "partitioned",
-            format!("{}.part.*", nats.config.prefix),
+            nats.subject("part.*"),
             Duration::ZERO,
             Duration::from_secs(120),
         ),
         (
             "ledger",
-            format!("{}.ledger.*", nats.config.prefix),
+            nats.subject("ledger.*"),
             LEDGER_RETENTION,
             nats.config.duplicate_window,
         ),
@@ -138,30 +155,33 @@ pub async fn run(
     tracing::info!(node = %shared.name, origin = %shared.ledger.origin(), "joining the cluster");
 
     let (caught_up_tx, caught_up) = watch::channel(false);
-    let follower = tokio::spawn(crate::stream::logged(
+    let follower = tokio::spawn(nats::logged(
         "ledger",
         ledger::follow(Arc::clone(&shared), caught_up_tx, stop.clone()),
     ));
     let heartbeat = tokio::spawn(ownership::heartbeat(Arc::clone(&shared), stop.clone()));
     let feedback = {
-        let nats = &shared.nats;
-        let ingest = crate::stream::ingest::Ingest {
+        let nats = shared.nats.clone();
+        let source = Source {
+            stream: nats.stream_name("feedback"),
+            durable: format!("{}-feedback-{}", nats.config.consumer, shared.name),
+            filter: String::new(),
+            only_new: true,
+            start_at: None,
+        };
+        let ingest = Ingest {
             nats: nats.clone(),
             node: Arc::clone(&shared.node),
             max_future_skew,
             shadow,
             metrics: Arc::clone(&shared.metrics),
-            source: crate::stream::ingest::Source {
-                kind: crate::stream::ingest::Kind::Feedback,
-                stream: nats.stream_name("feedback"),
-                durable: format!("{}-feedback-{}", nats.config.consumer, shared.name),
-                filter: String::new(),
-                only_new: true,
-                start_at: None,
-            },
-            ledger: Some(Arc::clone(&shared.ledger)),
+            kind: Kind::Feedback,
+            record: Some(Arc::clone(&shared.ledger) as Arc<dyn Record>),
         };
-        tokio::spawn(crate::stream::logged("feedback", ingest.run(stop.clone())))
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            nats::logged("feedback", nats::consume(&nats, &source, &ingest, stop)).await;
+        })
     };
     ownership::run(Arc::clone(&shared), caught_up, stop).await;
     for task in [follower, heartbeat, feedback] {

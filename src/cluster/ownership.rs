@@ -22,8 +22,9 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::Shared;
+use crate::nats::{self, Source};
 use crate::state::partitioned::PARTITIONS;
-use crate::stream::ingest::{Ingest, Kind, Source};
+use crate::stream::{Ingest, Kind};
 
 /// How often a node looks at the buckets.
 const TICK: Duration = Duration::from_millis(500);
@@ -204,7 +205,6 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
         let nats = &shared.nats;
         let mut source = match role {
             Role::Router => Source {
-                kind: Kind::Route,
                 stream: nats.stream_name("transactions"),
                 durable: format!("{}-router", nats.config.consumer),
                 filter: String::new(),
@@ -213,7 +213,7 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
             },
             Role::Partition(p) => {
                 forget(&shared, role);
-                let mut delay = Duration::from_millis(200);
+                let mut retry = crate::nats::Retry::starting_at(Duration::from_millis(200));
                 loop {
                     match super::ledger::rebuild(&shared, p).await {
                         Ok(r) => {
@@ -221,16 +221,16 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
                             break;
                         }
                         Err(e) => {
+                            let delay = retry.delay();
                             warn!(partition = p, error = %format!("{e:#}"), retry_in = ?delay, "rebuilding; retrying");
                             forget(&shared, role);
-                            if !crate::stream::back_off(&mut stop, &mut delay).await {
+                            if !crate::nats::wait_unless_stopped(&mut stop, delay).await {
                                 return;
                             }
                         }
                     }
                 }
                 Source {
-                    kind: Kind::Transactions,
                     stream: nats.stream_name("partitioned"),
                     durable: format!("{}-part-{p}", nats.config.consumer),
                     filter: nats.partition_subject(p),
@@ -254,21 +254,29 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
                 }
             }
         }
-        let ingest = Ingest {
-            nats: nats.clone(),
-            node: Arc::clone(&shared.node),
-            max_future_skew: shared.max_future_skew,
-            shadow: shared.shadow,
-            metrics: Arc::clone(&shared.metrics),
-            source,
-            ledger: Some(Arc::clone(&shared.ledger)),
-        };
-        if let Role::Partition(p) = role {
-            shared.ledger.set_running(p, true);
-        }
-        crate::stream::logged("partition", ingest.run(stop)).await;
-        if let Role::Partition(p) = role {
-            shared.ledger.set_running(p, false);
+        match role {
+            Role::Router => {
+                let router = super::router::Router {
+                    nats: nats.clone(),
+                    metrics: Arc::clone(&shared.metrics),
+                    ledger: Arc::clone(&shared.ledger),
+                };
+                nats::logged("router", nats::consume(nats, &source, &router, stop)).await;
+            }
+            Role::Partition(p) => {
+                let ingest = Ingest {
+                    nats: nats.clone(),
+                    node: Arc::clone(&shared.node),
+                    max_future_skew: shared.max_future_skew,
+                    shadow: shared.shadow,
+                    metrics: Arc::clone(&shared.metrics),
+                    kind: Kind::Transactions,
+                    record: Some(Arc::clone(&shared.ledger) as Arc<dyn crate::stream::Record>),
+                };
+                shared.ledger.set_running(p, true);
+                nats::logged("partition", nats::consume(nats, &source, &ingest, stop)).await;
+                shared.ledger.set_running(p, false);
+            }
         }
     });
     Running {

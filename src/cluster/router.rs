@@ -5,15 +5,33 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::message::{AckKind, Message, PublishMessage};
+use async_nats::jetstream::message::{Message, PublishMessage};
 
+use super::Ledger;
 use crate::codec;
 use crate::metrics::Metrics;
+use crate::nats::{nak, stream_position, Handler, Nats, REPLY_HEADER, RETRY_AFTER};
 use crate::proto;
 use crate::state::partitioned::partition;
-use crate::stream::ingest::REPLY_HEADER;
-use crate::stream::Nats;
 use crate::wire::parse::{self, ParseLimits};
+
+/// The router role's [`Handler`]: owned by the task that runs the role while this node
+/// holds it; the ledger is shared for its lease.
+pub struct Router {
+    pub nats: Nats,
+    pub metrics: Arc<Metrics>,
+    pub ledger: Arc<Ledger>,
+}
+
+impl Handler for Router {
+    async fn handle(&self, messages: Vec<Message>) {
+        route(&self.nats, &self.metrics, messages).await;
+    }
+
+    fn admits(&self) -> bool {
+        self.ledger.check_lease()
+    }
+}
 
 /// The partition of an input: its account's. An input that does not decode or parse goes
 /// to partition 0, whose owner publishes the same error the single-node door would.
@@ -36,10 +54,7 @@ pub async fn route(nats: &Nats, metrics: &Arc<Metrics>, messages: Vec<Message>) 
     let copies: Vec<(Message, String, String)> = messages
         .into_iter()
         .filter_map(|message| {
-            let id = message
-                .info()
-                .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
-                .ok()?;
+            let id = stream_position(&message)?;
             let p = partition_of(&message.payload);
             Some((message, nats.partition_subject(p), id))
         })
@@ -104,8 +119,5 @@ pub async fn route(nats: &Nats, metrics: &Arc<Metrics>, messages: Vec<Message>) 
 const ATTEMPTS: u32 = 5;
 
 async fn later(message: &Message) {
-    let retry = AckKind::Nak(Some(std::time::Duration::from_secs(1)));
-    if let Err(e) = message.ack_with(retry).await {
-        tracing::warn!(error = %e, "asking for a message to come back");
-    }
+    nak(message, RETRY_AFTER).await;
 }

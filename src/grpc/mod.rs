@@ -1,9 +1,9 @@
-//! The gRPC door: tonic services, and the conversion between protobuf and domain types.
+//! The gRPC door: the tonic services (scoring, model admin), authentication, TLS, request
+//! logs and the server that hosts them. Conversions live in `wire/`, start-up in `serve/`.
 
 pub mod admin;
 pub mod auth;
-pub mod lifecycle;
-pub mod reload;
+pub mod gateway;
 pub mod request_log;
 pub mod server;
 pub mod service;

@@ -10,14 +10,15 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, Span};
 
 use super::auth::Caller;
+use super::gateway::Gateway;
 use super::request_log::RequestLog;
-use crate::cluster::gateway::Gateway;
-use crate::domain::{Decision, Label};
+use crate::domain::Decision;
 use crate::metrics::Metrics;
 use crate::node::{Node, NodeError};
 use crate::proto::{self, fraud_scorer_server::FraudScorer};
 use crate::wire::answer::{
-    self, code_name, decision_of, error_item, item_code, node_error_item, parse_item, respond,
+    self, code_name, decision_of, error_item, feedback_response, item_code, node_error_item,
+    parse_item, respond,
 };
 use crate::wire::parse::{self, ParseLimits};
 
@@ -258,15 +259,10 @@ impl FraudScorer for ScorerService {
                 .feedback(&fb, raw)
                 .await
                 .map_err(|e| status(&fb.transaction_id, e))?;
-            Ok(Response::new(proto::ReportFeedbackResponse {
-                transaction_id: fb.transaction_id,
-                applied: applied.outcome.applied,
-                previous_label: match applied.outcome.previous {
-                    None => proto::Label::Unspecified,
-                    Some(Label::Fraud) => proto::Label::Fraud,
-                    Some(Label::Legitimate) => proto::Label::Legitimate,
-                } as i32,
-            }))
+            Ok(Response::new(feedback_response(
+                fb.transaction_id,
+                &applied.outcome,
+            )))
         }
         .instrument(span.clone())
         .await;

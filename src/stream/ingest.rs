@@ -1,25 +1,27 @@
-//! The consumer loops behind [`super::Nats::consume`] (and a cluster node's partitions,
-//! router and feedback): decode -> parse -> node, in stream order, a batch at a time;
-//! acknowledge only what is journaled and published (and, in a cluster, in the ledger).
+//! The stream door's [`Handler`]s: transactions scored and feedback applied, in stream order,
+//! a batch at a time (decode -> parse -> node); acknowledged only once journaled and
+//! published (and, with a [`Record`], recorded). A cluster node runs the same handlers over
+//! its partitions with its ledger as the record.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::message::{AckKind, Message};
-use futures::StreamExt;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::Nats;
-use crate::cluster::Ledger;
 use crate::codec;
+use crate::domain::{Feedback, Label};
 use crate::metrics::Metrics;
+use crate::nats::{nak, reply_to, stream_position, Handler, Nats, ERROR_HEADER, RETRY_AFTER};
 use crate::node::{Node, NodeError, Pending};
 use crate::proto;
-use crate::wire::answer::{error_item, node_error_item, parse_item, scored_item, to_proto};
+use crate::state::TxFacts;
+use crate::wire::answer::{
+    error_item, feedback_response, node_error_item, parse_item, scored_item, to_proto,
+};
 use crate::wire::parse::{self, ParseLimits};
 use prost::Message as _;
 
@@ -27,66 +29,105 @@ const SCORE_REQUEST: &str = "fraudgate.v1.ScoreRequest";
 const FEEDBACK_REQUEST: &str = "fraudgate.v1.ReportFeedbackRequest";
 const SCORE_RESPONSE: &str = "fraudgate.v1.ScoreResponse";
 
-/// Header naming where a gRPC door of a cluster node waits for this message's answer
-/// (`crate::cluster::gateway`).
-pub(crate) const REPLY_HEADER: &str = "Fraudgate-Reply";
-/// Header of a reply that is an error: `<gRPC code name> <message>`.
-pub(crate) const ERROR_HEADER: &str = "Fraudgate-Error";
-
-/// A message asked to come back later (the journal is behind, or publishing failed).
-const RETRY_AFTER: Duration = Duration::from_secs(1);
-
 /// Feedback naming a transaction no node knows is asked back this long after it was
 /// published, then acknowledged as unknown: in a cluster, its transaction's partition may
 /// be moving to another node.
 const NOT_FOUND_GRACE_SECS: i64 = 30;
 
-/// One consumer loop's view of the server.
-pub(crate) struct Ingest {
+/// What a cluster node writes beside each fresh scoring and label before acknowledging its
+/// input (its ledger, `crate::cluster::Ledger`), and whether it still holds its role. The
+/// stream door defines it so that it never names the cluster; a single node has none.
+pub trait Record: Send + Sync {
+    /// False once this node's membership has lapsed: it must leave its batches.
+    fn check_lease(&self) -> bool;
+    /// Whether this node runs account partition `p`.
+    fn runs(&self, p: usize) -> bool;
+    /// The entry (subject, message) recording a fresh scoring of partition `p`.
+    fn scored(
+        &self,
+        p: usize,
+        id: &str,
+        transaction: proto::Transaction,
+        response: proto::ScoreResponse,
+        input_seq: u64,
+    ) -> (String, PublishMessage);
+    /// The entry recording a label about to be applied to a transaction this node holds.
+    fn labelled(
+        &self,
+        fb: &Feedback,
+        facts: &TxFacts,
+        previous: Option<Label>,
+        msg_id: String,
+    ) -> (String, PublishMessage);
+}
+
+/// One consumer loop's view of the server: a [`Handler`] of transactions or of feedback.
+/// Owned by its loop; the node, metrics and record are shared.
+pub struct Ingest {
     pub nats: Nats,
     pub node: Arc<Node>,
     pub max_future_skew: Option<Duration>,
     /// Shadow mode: decisions published as ALLOW, as gRPC answers them.
     pub shadow: bool,
     pub metrics: Arc<Metrics>,
-    /// Where the messages come from.
-    pub source: Source,
-    /// Cluster mode: the ledger every fresh scoring and label is written to before its
-    /// input is acknowledged.
-    pub ledger: Option<Arc<Ledger>>,
-}
-
-/// A durable pull consumer on one stream.
-#[derive(Debug, Clone)]
-pub(crate) struct Source {
+    /// What the messages are.
     pub kind: Kind,
-    pub stream: String,
-    pub durable: String,
-    /// Only this subject of the stream (empty: all of it).
-    pub filter: String,
-    /// A consumer created now starts at new messages rather than the stream's first.
-    pub only_new: bool,
-    /// A consumer created now starts at this stream sequence.
-    pub start_at: Option<u64>,
+    /// Cluster mode: where every fresh scoring and label is recorded before its input is
+    /// acknowledged.
+    pub record: Option<Arc<dyn Record>>,
 }
 
 /// What a consumer loop takes from NATS.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Kind {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
     Transactions,
     Feedback,
-    /// Cluster mode: inputs republished to their account's partition.
-    Route,
 }
 
 impl Kind {
+    /// The subject (and stream) kind, as in `<prefix>.<name>`.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Transactions => "transactions",
             Kind::Feedback => "feedback",
-            Kind::Route => "route",
         }
     }
+}
+
+impl Handler for Ingest {
+    async fn handle(&self, messages: Vec<Message>) {
+        match self.kind {
+            Kind::Transactions => self.score_batch(messages).await,
+            Kind::Feedback => {
+                for m in messages {
+                    self.apply(m).await;
+                }
+            }
+        }
+    }
+
+    fn admits(&self) -> bool {
+        self.record.as_ref().is_none_or(|r| r.check_lease())
+    }
+}
+
+/// A message's decision, committed, about to be published.
+struct Decided {
+    response: proto::ScoreResponse,
+    /// The outcome counted once the decision is acknowledged.
+    outcome: &'static str,
+    /// Cluster mode: the ledger entry to publish first.
+    record: Option<(String, PublishMessage)>,
+}
+
+/// A published decision whose acknowledgements are awaited.
+struct Published {
+    message: Message,
+    recorded: Option<PublishAckFuture>,
+    ack: PublishAckFuture,
+    outcome: &'static str,
+    /// The gRPC door waiting for the answer, and the answer.
+    reply: Option<(String, Vec<u8>)>,
 }
 
 /// Where one message of a batch stands after scoring. Lives in a batch's `Vec` only while
@@ -108,161 +149,32 @@ enum Scoring {
 }
 
 impl Ingest {
-    /// The durable consumer of a single node: every message of `kind`'s stream.
-    pub fn source(nats: &Nats, kind: Kind) -> Source {
-        Source {
-            kind,
-            stream: nats.stream_name(kind.name()),
-            durable: nats.config.consumer.clone(),
-            filter: String::new(),
-            only_new: false,
-            start_at: None,
-        }
-    }
-
-    async fn consumer(&self) -> anyhow::Result<PullConsumer> {
-        let Source {
-            stream,
-            durable,
-            filter,
-            ..
-        } = &self.source;
-        let opened = self
-            .nats
-            .jetstream
-            .get_stream(stream)
-            .await
-            .with_context(|| format!("opening the stream {stream}"))?;
-        opened
-            .get_or_create_consumer(
-                durable,
-                pull::Config {
-                    durable_name: Some(durable.clone()),
-                    filter_subject: filter.clone(),
-                    deliver_policy: match (self.source.start_at, self.source.only_new) {
-                        (Some(start_sequence), _) => {
-                            DeliverPolicy::ByStartSequence { start_sequence }
-                        }
-                        (None, true) => DeliverPolicy::New,
-                        (None, false) => DeliverPolicy::All,
-                    },
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: self.nats.config.ack_wait,
-                    max_ack_pending: (self.nats.config.batch * 4).max(1) as i64,
-                    ..Default::default()
-                },
-            )
-            .await
-            .with_context(|| format!("creating the consumer {durable} on {stream}"))
-    }
-
-    async fn batches(
-        &self,
-    ) -> anyhow::Result<impl futures::Stream<Item = Vec<Result<Message, impl std::fmt::Display>>>>
-    {
-        let batch = self.nats.config.batch.max(1);
-        let messages = self
-            .consumer()
-            .await?
-            .stream()
-            .max_messages_per_batch(batch)
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await
-            .with_context(|| format!("pulling from {}", self.source.stream))?;
-        // Whatever has arrived, up to a batch: no waiting for a batch to fill.
-        Ok(messages.ready_chunks(batch))
-    }
-
-    /// Consumes `kind` until `stop`. Outlives NATS going away: when the pull cannot be
-    /// opened, ends, or yields only errors for a while, it is opened again with backoff
-    /// (up to 5 s), and the durable consumer resumes where it was acknowledged.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let kind = self.source.kind;
-        let subject = if self.source.filter.is_empty() {
-            self.source.stream.clone()
-        } else {
-            self.source.filter.clone()
-        };
-        let mut delay = Duration::from_millis(100);
-        while !*stop.borrow() {
-            let batches = match self.batches().await {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(%subject, error = %format!("{e:#}"), retry_in = ?delay, "cannot pull; retrying");
-                    if !super::back_off(&mut stop, &mut delay).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            info!(%subject, "consuming");
-            delay = Duration::from_millis(100);
-            let mut batches = std::pin::pin!(batches);
-            let mut failing = 0;
-            loop {
-                let batch = tokio::select! {
-                    _ = stop.changed() => return Ok(()),
-                    batch = batches.next() => batch,
-                };
-                let Some(batch) = batch else {
-                    warn!(%subject, "the pull ended; opening it again");
-                    break;
-                };
-                let messages: Vec<Message> = batch
-                    .into_iter()
-                    .filter_map(|m| {
-                        m.inspect_err(|e| warn!(%subject, error = %e, "pulling"))
-                            .ok()
-                    })
-                    .collect();
-                if messages.is_empty() {
-                    failing += 1;
-                    if failing >= 10 {
-                        warn!(%subject, "the pull keeps failing; opening it again");
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                failing = 0;
-                if self.ledger.as_ref().is_some_and(|l| !l.check_lease()) {
-                    // A cluster node that could not renew its membership may have lost
-                    // this role: it leaves the messages to whoever owns it now.
-                    warn!(%subject, "cluster membership not renewed: leaving this batch");
-                    for m in &messages {
-                        nak(m).await;
-                    }
-                    continue;
-                }
-                match kind {
-                    Kind::Transactions => self.score_batch(messages).await,
-                    Kind::Feedback => {
-                        for m in messages {
-                            self.apply(m).await;
-                        }
-                    }
-                    Kind::Route => {
-                        crate::cluster::router::route(&self.nats, &self.metrics, messages).await
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Scores `messages` in order, awaits their journal commits, publishes their decisions,
-    /// and acknowledges each message whose decision the decisions stream has acknowledged.
+    /// and acknowledges each message whose decision the decisions stream has acknowledged:
+    /// four steps, each over the whole batch so the waits overlap.
     async fn score_batch(&self, messages: Vec<Message>) {
+        let scored = self.score_all(messages);
+        let decided = self.commit_all(scored).await;
+        let published = self.publish_all(decided).await;
+        self.settle_all(published).await;
+    }
+
+    /// Step 1: decodes, parses and scores every message, awaiting nothing.
+    fn score_all(&self, messages: Vec<Message>) -> Vec<(Message, Scoring)> {
         let limits = ParseLimits::now(self.max_future_skew);
-        let scored: Vec<(Message, Scoring)> = messages
+        messages
             .into_iter()
             .map(|m| {
                 let s = self.score(&m.payload, &limits);
                 (m, s)
             })
-            .collect();
+            .collect()
+    }
 
+    /// Step 2: awaits the journal commits (flushing first if a re-delivery's first scoring
+    /// may still be queued) and, in a cluster, prepares each fresh scoring's ledger entry.
+    /// `None`: the message is to come back.
+    async fn commit_all(&self, scored: Vec<(Message, Scoring)>) -> Vec<(Message, Option<Decided>)> {
         // A re-delivered message answered from the store: its first scoring may still be
         // queued for the journal, so make sure it is committed before acknowledging.
         let needs_flush = scored
@@ -297,50 +209,61 @@ impl Ingest {
                         // of the same id) for a re-delivery whose first write may have
                         // failed; never for a client's retry of an answered transaction.
                         let redelivered = message.info().is_ok_and(|i| i.delivered > 1);
-                        let entry = match (ledger, &self.ledger) {
-                            (Some((p, raw)), Some(l))
+                        let record = match (ledger, &self.record) {
+                            (Some((p, raw)), Some(record))
                                 if !traced.outcome.replayed || redelivered =>
                             {
                                 let answer = to_proto(id.clone(), &traced.outcome);
                                 let input = message.info().map_or(0, |i| i.stream_sequence);
-                                Some(l.scored(p, &id, raw, answer, input))
+                                Some(record.scored(p, &id, raw, answer, input))
                             }
                             _ => None,
                         };
-                        Some((
-                            scored_item(id, traced, explain, self.shadow),
+                        Some(Decided {
+                            response: scored_item(id, traced, explain, self.shadow),
                             outcome,
-                            entry,
-                        ))
+                            record,
+                        })
                     }
                     Err(e) => {
                         warn!(error = %e, "journal commit failed; the message will come back");
                         None
                     }
                 },
-                Scoring::Refused(response, outcome) => Some((response, outcome, None)),
+                Scoring::Refused(response, outcome) => Some(Decided {
+                    response,
+                    outcome,
+                    record: None,
+                }),
                 Scoring::Later => None,
             };
             decided.push((message, answer));
         }
+        decided
+    }
 
+    /// Step 3: publishes each decision (after its ledger entry, in a cluster), not yet
+    /// awaiting the acknowledgements; a message whose publish fails is asked back.
+    async fn publish_all(&self, decided: Vec<(Message, Option<Decided>)>) -> Vec<Published> {
         let subject = self.nats.subject("decisions");
-        let format = self.nats.config.format;
+        let format = self.nats.config().format;
         let mut published = Vec::with_capacity(decided.len());
         for (message, answer) in decided {
-            let Some((response, outcome, entry)) = answer else {
+            let Some(Decided {
+                response,
+                outcome,
+                record,
+            }) = answer
+            else {
                 self.metrics.stream_message("transactions", "retry");
-                nak(&message).await;
+                nak(&message, RETRY_AFTER).await;
                 continue;
             };
             let msg_id = if response.transaction_id.is_empty() || response.error.is_some() {
                 // An error is named by the input's place in its stream, not by the
                 // transaction id: a conflicting second payload must not be dropped as a
                 // duplicate of the first one's decision.
-                message
-                    .info()
-                    .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
-                    .unwrap_or_default()
+                stream_position(&message).unwrap_or_default()
             } else {
                 response.transaction_id.clone()
             };
@@ -349,7 +272,7 @@ impl Ingest {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(error = %e, "encoding a decision");
-                    nak(&message).await;
+                    nak(&message, RETRY_AFTER).await;
                     continue;
                 }
             };
@@ -359,13 +282,13 @@ impl Ingest {
                 .header("Content-Type", format.content_type());
             // In a cluster the ledger entry goes first: a decision is never out before the
             // record that lets another node rebuild it.
-            let written = match entry {
+            let recorded = match record {
                 Some((subject, publish)) => {
-                    match self.nats.jetstream.send_publish(subject, publish).await {
+                    match self.nats.jetstream().send_publish(subject, publish).await {
                         Ok(ack) => Some(ack),
                         Err(e) => {
                             warn!(error = %e, "writing the ledger; the message will come back");
-                            nak(&message).await;
+                            nak(&message, RETRY_AFTER).await;
                             continue;
                         }
                     }
@@ -374,47 +297,56 @@ impl Ingest {
             };
             match self
                 .nats
-                .jetstream
+                .jetstream()
                 .send_publish(subject.clone(), publish)
                 .await
             {
-                Ok(ack) => published.push((message, written, ack, outcome, reply)),
+                Ok(ack) => published.push(Published {
+                    message,
+                    recorded,
+                    ack,
+                    outcome,
+                    reply,
+                }),
                 Err(e) => {
                     warn!(error = %e, "publishing a decision; the message will come back");
-                    nak(&message).await;
+                    nak(&message, RETRY_AFTER).await;
                 }
             }
         }
-        // Awaited together: publishes lost in a NATS outage each wait out the ack timeout,
-        // and one after another a batch of them would stall the consumer for minutes.
-        let settle = published
-            .into_iter()
-            .map(|(message, written, ack, outcome, reply)| async move {
-                if let Some(written) = written {
-                    if let Err(e) = written.await {
-                        warn!(error = %e, "the ledger did not acknowledge; the message will come back");
-                        self.metrics.stream_message("transactions", "retry");
-                        nak(&message).await;
-                        return;
+        published
+    }
+
+    /// Step 4: awaits the acknowledgements together (publishes lost in a NATS outage each
+    /// wait out the ack timeout, and one after another a batch of them would stall the
+    /// consumer for minutes), then acknowledges each input and answers a waiting door.
+    async fn settle_all(&self, published: Vec<Published>) {
+        let settle = published.into_iter().map(|p| async move {
+            if let Some(recorded) = p.recorded {
+                if let Err(e) = recorded.await {
+                    warn!(error = %e, "the ledger did not acknowledge; the message will come back");
+                    self.metrics.stream_message("transactions", "retry");
+                    nak(&p.message, RETRY_AFTER).await;
+                    return;
+                }
+            }
+            match p.ack.await {
+                Ok(_) => {
+                    self.metrics.stream_message("transactions", p.outcome);
+                    if let Err(e) = p.message.ack().await {
+                        warn!(error = %e, "acknowledging a transaction message");
+                    }
+                    if let Some((to, payload)) = p.reply {
+                        self.reply(to, payload.into(), None).await;
                     }
                 }
-                match ack.await {
-                    Ok(_) => {
-                        self.metrics.stream_message("transactions", outcome);
-                        if let Err(e) = message.ack().await {
-                            warn!(error = %e, "acknowledging a transaction message");
-                        }
-                        if let Some((to, payload)) = reply {
-                            self.reply(to, payload.into(), None).await;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "the decisions stream did not acknowledge; the message will come back");
-                        self.metrics.stream_message("transactions", "retry");
-                        nak(&message).await;
-                    }
+                Err(e) => {
+                    warn!(error = %e, "the decisions stream did not acknowledge; the message will come back");
+                    self.metrics.stream_message("transactions", "retry");
+                    nak(&p.message, RETRY_AFTER).await;
                 }
-            });
+            }
+        });
         futures::future::join_all(settle).await;
     }
 
@@ -434,7 +366,7 @@ impl Ingest {
             Err(refused) => return Scoring::Refused(*refused, "invalid"),
         };
         let raw = req.transaction.unwrap_or_default();
-        let ledger = self.ledger.is_some().then(|| {
+        let ledger = self.record.is_some().then(|| {
             (
                 crate::state::partitioned::partition(tx.account),
                 raw.clone(),
@@ -489,21 +421,13 @@ impl Ingest {
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "writing the ledger; the feedback will come back");
                     self.metrics.stream_message("feedback", "retry");
-                    nak(&message).await;
+                    nak(&message, RETRY_AFTER).await;
                     return;
                 }
                 Ok(()) => match self.node.feedback(&fb, req).await {
                     Ok(applied) => (
                         "applied",
-                        Ok(proto::ReportFeedbackResponse {
-                            transaction_id: fb.transaction_id,
-                            applied: applied.outcome.applied,
-                            previous_label: match applied.outcome.previous {
-                                None => proto::Label::Unspecified,
-                                Some(crate::domain::Label::Fraud) => proto::Label::Fraud,
-                                Some(crate::domain::Label::Legitimate) => proto::Label::Legitimate,
-                            } as i32,
-                        }),
+                        Ok(feedback_response(fb.transaction_id, &applied.outcome)),
                     ),
                     Err(NodeError::NotFound) => {
                         warn!(transaction_id = %fb.transaction_id, "feedback for a transaction not scored here");
@@ -512,7 +436,7 @@ impl Ingest {
                     Err(e) => {
                         warn!(error = %e, "feedback not applied; the message will come back");
                         self.metrics.stream_message("feedback", "retry");
-                        nak(&message).await;
+                        nak(&message, RETRY_AFTER).await;
                         return;
                     }
                 },
@@ -532,7 +456,7 @@ impl Ingest {
 
     /// Answers a gRPC door waiting on `to` (core NATS: if it has gone, nobody listens).
     async fn reply(&self, to: String, payload: bytes::Bytes, error: Option<String>) {
-        let client = self.nats.jetstream.client();
+        let client = self.nats.jetstream().client();
         let sent = match error {
             None => client.publish(to, payload).await,
             Some(e) => {
@@ -551,38 +475,31 @@ impl Ingest {
     /// Whether this node applies `fb`: always on a single node (unknown transactions get
     /// NOT_FOUND from the node); in a cluster, only if it runs the partition of a
     /// transaction it holds (a partition it gave up may still be in its store).
-    fn holds(&self, fb: &crate::domain::Feedback) -> bool {
-        let Some(ledger) = &self.ledger else {
+    fn holds(&self, fb: &Feedback) -> bool {
+        let Some(record) = &self.record else {
             return true;
         };
         self.node
             .engine()
             .transaction_facts(fb.key)
             .is_some_and(|(facts, _)| {
-                ledger.runs(crate::state::partitioned::partition(facts.account))
+                record.runs(crate::state::partitioned::partition(facts.account))
             })
     }
 
     /// Cluster mode: writes a label for a transaction this node holds to its partition's
     /// ledger before applying it, with the change it is about to make (so a crash between
     /// the two re-delivers the feedback and the same entry, dropped as a duplicate).
-    async fn record_label(
-        &self,
-        message: &Message,
-        fb: &crate::domain::Feedback,
-    ) -> anyhow::Result<()> {
-        let (Some(ledger), Some((facts, previous))) =
-            (&self.ledger, self.node.engine().transaction_facts(fb.key))
+    async fn record_label(&self, message: &Message, fb: &Feedback) -> anyhow::Result<()> {
+        let (Some(record), Some((facts, previous))) =
+            (&self.record, self.node.engine().transaction_facts(fb.key))
         else {
             return Ok(());
         };
-        let msg_id = message
-            .info()
-            .map(|i| format!("{}-{}", i.stream, i.stream_sequence))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (subject, publish) = ledger.labelled(fb, &facts, previous, msg_id);
+        let msg_id = stream_position(message).context("the feedback message's stream position")?;
+        let (subject, publish) = record.labelled(fb, &facts, previous, msg_id);
         self.nats
-            .jetstream
+            .jetstream()
             .send_publish(subject, publish)
             .await
             .context("publishing a label")?
@@ -596,15 +513,6 @@ fn not_found(id: &str) -> String {
     format!("NOT_FOUND transaction_id: {id:?} was not scored here or is too old to be remembered")
 }
 
-/// Where the message's answer is awaited, if anywhere.
-fn reply_to(message: &Message) -> Option<String> {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(REPLY_HEADER))
-        .map(|v| v.as_str().to_owned())
-}
-
 /// Wait between deliveries of feedback no node knows yet.
 const NOT_FOUND_GRACE: Duration = Duration::from_secs(10);
 
@@ -616,10 +524,4 @@ fn young(message: &Message) -> bool {
     message
         .info()
         .is_ok_and(|i| now - i.published.unix_timestamp() < NOT_FOUND_GRACE_SECS)
-}
-
-async fn nak(message: &Message) {
-    if let Err(e) = message.ack_with(AckKind::Nak(Some(RETRY_AFTER))).await {
-        warn!(error = %e, "asking for a message to come back");
-    }
 }

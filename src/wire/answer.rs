@@ -5,7 +5,7 @@
 use tonic::Code;
 
 use super::parse::{self, FieldError, ParseLimits};
-use crate::domain::{Decision, ScoreOutcome};
+use crate::domain::{Decision, FeedbackOutcome, Label, ScoreOutcome};
 use crate::engine::Traced;
 use crate::features::FEATURES;
 use crate::node::NodeError;
@@ -21,6 +21,29 @@ pub fn node_error_message(id: &str, e: &NodeError) -> String {
             format!("transaction_id: {id:?} was not scored here or is too old to be remembered")
         }
         NodeError::JournalFull | NodeError::Journal(_) => e.to_string(),
+    }
+}
+
+impl From<Label> for proto::Label {
+    fn from(label: Label) -> proto::Label {
+        match label {
+            Label::Fraud => proto::Label::Fraud,
+            Label::Legitimate => proto::Label::Legitimate,
+        }
+    }
+}
+
+/// The answer to feedback about `transaction_id` (gRPC's, and a cluster door's reply).
+pub fn feedback_response(
+    transaction_id: String,
+    outcome: &FeedbackOutcome,
+) -> proto::ReportFeedbackResponse {
+    proto::ReportFeedbackResponse {
+        transaction_id,
+        applied: outcome.applied,
+        previous_label: outcome
+            .previous
+            .map_or(proto::Label::Unspecified, Into::into) as i32,
     }
 }
 

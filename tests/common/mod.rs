@@ -8,13 +8,23 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fraudgate::grpc::server::{self, ServeConfig};
 use fraudgate::proto::{self, fraud_scorer_client::FraudScorerClient};
+use fraudgate::serve::{self as server, ServeConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+
+/// The server's defaults (`fraudgate serve` with no flags) but ephemeral and without a
+/// metrics port, so tests running side by side share neither a directory nor a port.
+pub fn config() -> ServeConfig {
+    ServeConfig {
+        data_dir: None,
+        metrics_listen: None,
+        ..ServeConfig::default()
+    }
+}
 
 /// A running server; stopped (gracefully) when dropped or by [`TestServer::stop`].
 pub struct TestServer {
@@ -26,9 +36,10 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server with the default configuration (embedded model).
+    /// Starts a server with the test configuration ([`config`]: embedded model, nothing on
+    /// disk, no metrics port).
     pub async fn start() -> TestServer {
-        TestServer::start_with(ServeConfig::default()).await
+        TestServer::start_with(config()).await
     }
 
     pub async fn start_with(config: ServeConfig) -> TestServer {

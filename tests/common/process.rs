@@ -80,7 +80,7 @@ impl ServerProcess {
             .iter()
             .find(|(k, _)| *k == "RUST_LOG")
             .map_or("info".to_owned(), |(_, v)| v.to_string());
-        let filter = format!("{filter},fraudgate::grpc::server=info");
+        let filter = format!("{filter},fraudgate::serve=info");
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(listen)

@@ -1,5 +1,5 @@
-//! Around serving, for a server with a data directory: holding the directory, starting the
-//! node (model, policy, journal, recovery) before SERVING, and writing snapshots.
+//! Around serving: holding the data directory, starting the node (model, policy, journal,
+//! recovery) before SERVING, and the periodic tasks (snapshots, eviction, retraining).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,10 +8,14 @@ use std::time::Duration;
 use anyhow::Context;
 use tracing::{info, warn};
 
-use super::server::{build_engine, ServeConfig};
+use super::{ModelSource, ServeConfig};
+use crate::admin::ModelAdmin;
+use crate::engine::Engine;
 use crate::journal::{recover, Journal, JournalConfig, JOURNAL_FILE};
 use crate::metrics::Metrics;
+use crate::model::Model;
 use crate::node::Node;
+use crate::policy::{Policy, PolicyFile};
 use crate::registry::ModelRegistry;
 use crate::snapshot;
 
@@ -39,6 +43,38 @@ impl DataDir {
             _lock: lock,
         })
     }
+}
+
+/// Loads the model and policy and builds the engine. The model is `--model` if given, else
+/// the one last promoted in `registry`, else the embedded one; it is registered (and recorded
+/// as promoted if it is not the registry's current one already).
+pub fn build_engine(config: &ServeConfig, registry: &ModelRegistry) -> anyhow::Result<Engine> {
+    let model = match (&config.model, registry.current()) {
+        (ModelSource::Dir(dir), _) => Arc::new(Model::load(dir)?),
+        (ModelSource::Embedded, Some(current)) => {
+            let model = registry
+                .load(&current)
+                .context("loading the model last promoted (models/registry.json)")?;
+            info!(model = %current, "serving the model last promoted");
+            model
+        }
+        (ModelSource::Embedded, None) => Arc::new(Model::embedded_default()?),
+    };
+    registry.register(Arc::clone(&model), "startup", None)?;
+    if registry.current().as_deref() != Some(&*model.version) {
+        registry.promoted(&model.version, "startup")?;
+    }
+    let policy = match &config.policy {
+        Some(path) => Policy::load(path, model.meta.thresholds)?,
+        None => Policy::new(PolicyFile::default(), model.meta.thresholds)?,
+    };
+    info!(
+        model = %model.version,
+        review = policy.thresholds.review,
+        deny = policy.thresholds.deny,
+        "model and policy loaded"
+    );
+    Ok(Engine::new(model, policy, config.engine))
 }
 
 /// Loads the model and policy, opens the journal and recovers the state: everything that
@@ -133,6 +169,33 @@ pub async fn snapshot_periodically(node: Arc<Node>, dir: PathBuf, every: Duratio
         tick.tick().await;
         if let Err(e) = write_snapshot(&node, &dir).await {
             warn!(error = %format!("{e:#}"), "snapshot failed; the journal still holds everything");
+        }
+    }
+}
+
+/// Retrains every `every` and promotes a challenger that beats the champion by the margin.
+pub async fn retrain_periodically(admin: Arc<ModelAdmin>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = admin.retrain(true, None, "scheduled").await {
+            warn!(error = %e, "scheduled retraining did not produce a challenger");
+        }
+    }
+}
+
+/// Evicts idle entities every `every`, off the request path.
+pub async fn evict_periodically(engine: Arc<Engine>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let engine = Arc::clone(&engine);
+        match tokio::task::spawn_blocking(move || engine.evict_idle()).await {
+            Ok(0) => {}
+            Ok(n) => info!(evicted = n, "evicted idle entities"),
+            Err(e) => warn!(error = %e, "eviction failed"),
         }
     }
 }

@@ -16,10 +16,9 @@ use prost::Message as _;
 use tonic::{Code, Status};
 
 use crate::domain::Transaction;
+use crate::nats::{Nats, ERROR_HEADER, REPLY_HEADER};
 use crate::proto;
 use crate::state::partitioned::partition;
-use crate::stream::ingest::{ERROR_HEADER, REPLY_HEADER};
-use crate::stream::Nats;
 
 /// Sends gRPC calls through the log and waits for their answers.
 #[derive(Clone)]
@@ -59,7 +58,7 @@ impl Gateway {
         &self,
         req: &proto::ReportFeedbackRequest,
     ) -> Result<proto::ReportFeedbackResponse, Status> {
-        let subject = format!("{}.feedback", self.nats.config.prefix);
+        let subject = self.nats.subject("feedback");
         let answer = self
             .call(subject, req.encode_to_vec(), &req.transaction_id)
             .await?;
