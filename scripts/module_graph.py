@@ -26,6 +26,24 @@ for module, edges in graph.items():
     print(f"{module} -> {' '.join(sorted(edges))}")
 pairs = sorted({tuple(sorted((a, b))) for a, e in graph.items() for b in e if a in graph.get(b, ())})
 print("modules importing each other:", ", ".join(f"{a} <-> {b}" for a, b in pairs) or "none")
+
+
+def circle(start):
+    """A ring of imports from `start` back to it, if any."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        at, path = stack.pop()
+        for nxt in sorted(graph.get(at, ())):
+            if nxt == start:
+                return path + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, path + [nxt]))
+    return None
+
+
+rings = {tuple(c) for m in graph if (c := circle(m)) and len(c) > 3}
+print("longer circles:", "; ".join(" -> ".join(c) for c in sorted(rings)) or "none")
 # Those allowed above a door: start-up (serve) and the command line (cli).
 top = {"serve", "cli"}
 for door in ["grpc", "stream", "cluster", "serve"]:

@@ -165,3 +165,16 @@ pub struct FeedbackOutcome {
     /// The label before this feedback.
     pub previous: Option<Label>,
 }
+
+/// Why a request was not served (by the node; every door turns it into its own error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("transaction id was already scored with a different payload")]
+    Conflict,
+    #[error("transaction was not scored here or is too old to be remembered")]
+    NotFound,
+    #[error("the journal's queue is full: the disk is not keeping up; retry later")]
+    JournalFull,
+    #[error("the journal could not commit: {0}")]
+    Journal(String),
+}

@@ -18,18 +18,7 @@ use crate::metrics::Metrics;
 use crate::proto;
 use crate::state::txstore::{Conflict, NotFound};
 
-/// Why a request was not served.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NodeError {
-    #[error("transaction id was already scored with a different payload")]
-    Conflict,
-    #[error("transaction was not scored here or is too old to be remembered")]
-    NotFound,
-    #[error("the journal's queue is full: the disk is not keeping up; retry later")]
-    JournalFull,
-    #[error("the journal could not commit: {0}")]
-    Journal(String),
-}
+pub use crate::domain::NodeError;
 
 impl From<JournalFull> for NodeError {
     fn from(_: JournalFull) -> Self {

@@ -5,10 +5,10 @@
 use tonic::Code;
 
 use super::parse::{self, FieldError, ParseLimits};
+use crate::domain::NodeError;
 use crate::domain::{Decision, FeedbackOutcome, Label, ScoreOutcome};
 use crate::engine::Traced;
 use crate::features::FEATURES;
-use crate::node::NodeError;
 use crate::proto;
 
 /// The message of a refused request about transaction `id`.
