@@ -110,6 +110,16 @@ pub enum Label {
     Legitimate = 2,
 }
 
+impl Label {
+    /// The name the API, the journal and the logs use: `FRAUD`, `LEGITIMATE`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Label::Fraud => "FRAUD",
+            Label::Legitimate => "LEGITIMATE",
+        }
+    }
+}
+
 /// Feedback on a scored transaction, already validated.
 #[derive(Debug, Clone)]
 pub struct Feedback {
@@ -125,6 +135,17 @@ pub enum Decision {
     Allow = 1,
     Review = 2,
     Deny = 3,
+}
+
+impl Decision {
+    /// The name the API, the journal and the logs use: `ALLOW`, `REVIEW`, `DENY`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Allow => "ALLOW",
+            Decision::Review => "REVIEW",
+            Decision::Deny => "DENY",
+        }
+    }
 }
 
 /// One reason behind a score. Every string is static, so a reason is copied, never allocated,

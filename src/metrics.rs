@@ -267,7 +267,7 @@ impl Metrics {
     /// One answered call.
     pub fn request(&self, rpc: &'static str, code: tonic::Code, took: Duration) {
         self.requests
-            .with_label_values(&[rpc, code_name(code)])
+            .with_label_values(&[rpc, crate::wire::answer::code_name(code)])
             .inc();
         self.latency
             .with_label_values(&[rpc])
@@ -401,29 +401,6 @@ impl Metrics {
 /// Raises `counter` to `total`, a count kept elsewhere.
 fn catch_up(counter: &IntCounter, total: u64) {
     counter.inc_by(total.saturating_sub(counter.get()));
-}
-
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes.

@@ -234,7 +234,11 @@ fn no_modules_import_each_other_even_round_a_circle() {
         .filter_map(|m| circle_through(&graph, m))
         .map(|c| c.join(" -> "))
         .collect();
-    assert!(circles.is_empty(), "circles of imports:\n{}", circles.join("\n"));
+    assert!(
+        circles.is_empty(),
+        "circles of imports:\n{}",
+        circles.join("\n")
+    );
     if std::env::var_os("FRAUDGATE_PRINT_GRAPH").is_some() {
         for (a, edges) in &graph {
             println!(
@@ -252,7 +256,9 @@ fn the_circle_finder_sees_a_ring_of_three() {
         let mut g: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
             Default::default();
         for (a, b) in edges {
-            g.entry((*a).to_owned()).or_default().insert((*b).to_owned());
+            g.entry((*a).to_owned())
+                .or_default()
+                .insert((*b).to_owned());
         }
         g
     };

@@ -99,22 +99,19 @@ fn model_status(admin: &ModelAdmin, s: ModelStatus) -> proto::ModelStatus {
 impl ModelAdmin {
     /// Feedback received per decision, for the admin API.
     fn node_monitor_labels(&self) -> Vec<proto::DecisionLabels> {
-        [
-            (Decision::Allow, proto::Decision::Allow),
-            (Decision::Review, proto::Decision::Review),
-            (Decision::Deny, proto::Decision::Deny),
-        ]
-        .into_iter()
-        .map(|(d, p)| {
-            let labels = self.labels(d);
-            proto::DecisionLabels {
-                decision: p as i32,
-                fraud: labels.fraud,
-                legitimate: labels.legitimate,
-                precision: labels.precision().unwrap_or(0.0),
-            }
-        })
-        .collect()
+        [Decision::Allow, Decision::Review, Decision::Deny]
+            .into_iter()
+            .map(|d| (d, proto::Decision::from(d)))
+            .map(|(d, p)| {
+                let labels = self.labels(d);
+                proto::DecisionLabels {
+                    decision: p as i32,
+                    fraud: labels.fraud,
+                    legitimate: labels.legitimate,
+                    precision: labels.precision().unwrap_or(0.0),
+                }
+            })
+            .collect()
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
 use prost::Message as _;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::domain::Transaction;
 use crate::nats::{Nats, ERROR_HEADER, REPLY_HEADER};
@@ -97,7 +97,10 @@ impl Gateway {
             Ok(Some(m)) => {
                 if let Some(error) = m.headers.as_ref().and_then(|h| h.get(ERROR_HEADER)) {
                     let (code, message) = error.as_str().split_once(' ').unwrap_or(("UNKNOWN", ""));
-                    return Err(Status::new(code_of(code), message.to_owned()));
+                    return Err(Status::new(
+                        crate::wire::answer::item_code(code),
+                        message.to_owned(),
+                    ));
                 }
                 Ok(m.payload)
             }
@@ -111,16 +114,5 @@ impl Gateway {
                 stored.sequence, self.timeout
             ))),
         }
-    }
-}
-
-fn code_of(name: &str) -> Code {
-    match name {
-        "INVALID_ARGUMENT" => Code::InvalidArgument,
-        "ALREADY_EXISTS" => Code::AlreadyExists,
-        "NOT_FOUND" => Code::NotFound,
-        "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
-        "UNAVAILABLE" => Code::Unavailable,
-        _ => Code::Unknown,
     }
 }

@@ -85,14 +85,7 @@ impl RequestLog {
             return;
         }
         if let Some(d) = decision {
-            span.record(
-                "decision",
-                match d {
-                    Decision::Allow => "ALLOW",
-                    Decision::Review => "REVIEW",
-                    Decision::Deny => "DENY",
-                },
-            );
+            span.record("decision", d.name());
         }
         span.record("code", format_args!("{code:?}"));
         span.record("latency_us", started.elapsed().as_micros() as u64);

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info};
 
 use super::{DecisionEntry, Entry, FeedbackEntry, Job, Shared};
-use crate::domain::{Decision, Label};
+use crate::domain::Label;
 use crate::features::FEATURES;
 use crate::proto;
 
@@ -169,21 +169,6 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-pub fn decision_name(d: Decision) -> &'static str {
-    match d {
-        Decision::Allow => "ALLOW",
-        Decision::Review => "REVIEW",
-        Decision::Deny => "DENY",
-    }
-}
-
-pub fn label_name(l: Label) -> &'static str {
-    match l {
-        Label::Fraud => "FRAUD",
-        Label::Legitimate => "LEGITIMATE",
-    }
-}
-
 fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
     let t = &d.transaction;
     let (seconds, nanos) = t
@@ -233,7 +218,7 @@ fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
         t.country,
         t.device_id,
         t.ip_address,
-        decision_name(s.decision),
+        s.decision.name(),
         s.score,
         s.anomaly_score,
         s.classifier_score,
@@ -275,7 +260,7 @@ fn insert_feedback(tx: &Transaction, f: &FeedbackEntry) -> anyhow::Result<()> {
         reported_at_ms,
         f.received_at_ms,
         f.applied,
-        f.previous.map(label_name),
+        f.previous.map(Label::name),
         f.fraud_delta,
     ])
     .with_context(|| format!("journaling feedback {}", f.seq))?;

@@ -24,6 +24,16 @@ pub fn node_error_message(id: &str, e: &NodeError) -> String {
     }
 }
 
+impl From<Decision> for proto::Decision {
+    fn from(decision: Decision) -> proto::Decision {
+        match decision {
+            Decision::Allow => proto::Decision::Allow,
+            Decision::Review => proto::Decision::Review,
+            Decision::Deny => proto::Decision::Deny,
+        }
+    }
+}
+
 impl From<Label> for proto::Label {
     fn from(label: Label) -> proto::Label {
         match label {
@@ -52,11 +62,7 @@ pub fn to_proto(transaction_id: String, outcome: &ScoreOutcome) -> proto::ScoreR
     let s = &outcome.scored;
     proto::ScoreResponse {
         transaction_id,
-        decision: match s.decision {
-            Decision::Allow => proto::Decision::Allow,
-            Decision::Review => proto::Decision::Review,
-            Decision::Deny => proto::Decision::Deny,
-        } as i32,
+        decision: proto::Decision::from(s.decision) as i32,
         score: s.score,
         anomaly_score: s.anomaly_score,
         classifier_score: s.classifier_score,
@@ -188,27 +194,64 @@ pub fn decision_of(resp: &proto::ScoreResponse) -> Option<Decision> {
     }
 }
 
-/// The name of a status code, as item errors carry it (the cluster door's failures).
+/// Every gRPC status code, in order: the one table [`code_name`] and [`item_code`] read.
+const CODES: [(Code, &str); 17] = [
+    (Code::Ok, "OK"),
+    (Code::Cancelled, "CANCELLED"),
+    (Code::Unknown, "UNKNOWN"),
+    (Code::InvalidArgument, "INVALID_ARGUMENT"),
+    (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+    (Code::NotFound, "NOT_FOUND"),
+    (Code::AlreadyExists, "ALREADY_EXISTS"),
+    (Code::PermissionDenied, "PERMISSION_DENIED"),
+    (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+    (Code::FailedPrecondition, "FAILED_PRECONDITION"),
+    (Code::Aborted, "ABORTED"),
+    (Code::OutOfRange, "OUT_OF_RANGE"),
+    (Code::Unimplemented, "UNIMPLEMENTED"),
+    (Code::Internal, "INTERNAL"),
+    (Code::Unavailable, "UNAVAILABLE"),
+    (Code::DataLoss, "DATA_LOSS"),
+    (Code::Unauthenticated, "UNAUTHENTICATED"),
+];
+
+/// The name of a status code, as item errors, cluster replies and metric labels carry it.
 pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::Internal => "INTERNAL",
-        _ => "UNKNOWN",
-    }
+    CODES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("UNKNOWN", |(_, name)| name)
 }
 
-/// The status code of an item error's code name: the inverse of [`code_name`] and of the
-/// codes [`node_error_item`] and [`invalid_item`] give.
+/// The status code of a code name: the inverse of [`code_name`].
 pub fn item_code(code: &str) -> Code {
-    match code {
-        "INVALID_ARGUMENT" => Code::InvalidArgument,
-        "ALREADY_EXISTS" => Code::AlreadyExists,
-        "NOT_FOUND" => Code::NotFound,
-        "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
-        "UNAVAILABLE" => Code::Unavailable,
-        "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
-        "INTERNAL" => Code::Internal,
-        _ => Code::Unknown,
+    CODES
+        .iter()
+        .find(|(_, name)| *name == code)
+        .map_or(Code::Unknown, |(c, _)| *c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_name_maps_back_to_its_code() {
+        for i in 0..17 {
+            let code = Code::from_i32(i);
+            assert_eq!(item_code(code_name(code)), code, "{code:?}");
+        }
+        assert_eq!(code_name(Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+        assert_eq!(item_code("NO_SUCH_CODE"), Code::Unknown);
+    }
+
+    #[test]
+    fn decisions_and_labels_keep_their_wire_numbers() {
+        for d in [Decision::Allow, Decision::Review, Decision::Deny] {
+            assert_eq!(proto::Decision::from(d) as i32, d as i32);
+        }
+        for l in [Label::Fraud, Label::Legitimate] {
+            assert_eq!(proto::Label::from(l) as i32, l as i32);
+        }
     }
 }
