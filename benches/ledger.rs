@@ -38,6 +38,7 @@ fn bench(c: &mut Criterion) {
                 r.transaction.clone().expect("transaction"),
                 to_proto(tx.id.clone(), &outcome),
                 1,
+                true,
             );
             publish_payload(publish)
         })

@@ -191,6 +191,7 @@ impl Engine {
                     reasons.insert(0, breaker_reason(share));
                 }
             }
+            let usual_amount = features::usual_amount(&features);
             detail = Some(Detail {
                 seq,
                 features,
@@ -204,7 +205,7 @@ impl Engine {
                 reasons: reasons.into_boxed_slice(),
                 model_version: Arc::clone(&model.version),
             };
-            (TxFacts::of(tx), Arc::new(scored))
+            (TxFacts::of(tx, usual_amount), Arc::new(scored))
         })?;
         Ok(Traced {
             outcome: ScoreOutcome { scored, replayed },
@@ -311,7 +312,8 @@ impl Engine {
         *next = (*next).max(seq);
         let snapshot = self.state.replay_observe(
             tx,
-            cut.state.pending(&TxFacts::of(tx), seq),
+            // Which entities are pending depends on the keys alone.
+            cut.state.pending(&TxFacts::of(tx, true), seq),
             model.meta.label_delay_secs,
         );
         if seq > cut.anomaly {
@@ -332,14 +334,21 @@ impl Engine {
     }
 
     /// Puts a journaled transaction back into the store of recent ones (start-up only), so
-    /// retries get their stored answer and feedback finds it.
-    pub fn restore_transaction(&self, tx: &Transaction, scored: Arc<Scored>, label: Option<Label>) {
+    /// retries get their stored answer and feedback finds it; `usual_amount` as it was
+    /// scored ([`features::usual_amount`] of its journaled features).
+    pub fn restore_transaction(
+        &self,
+        tx: &Transaction,
+        scored: Arc<Scored>,
+        label: Option<Label>,
+        usual_amount: bool,
+    ) {
         let decision = scored.decision;
         let new = self.txs.restore(
             tx.key,
             TxRecord {
                 fingerprint: tx.fingerprint(),
-                facts: TxFacts::of(tx),
+                facts: TxFacts::of(tx, usual_amount),
                 label,
                 scored,
             },
@@ -454,9 +463,9 @@ impl Engine {
 
     /// Rebuilding a partition from the ledger: the account's windows take `tx` and the
     /// store takes its answer, so a retry gets it and feedback finds it.
-    pub fn rebuild_scored(&self, tx: &Transaction, scored: Arc<Scored>) {
+    pub fn rebuild_scored(&self, tx: &Transaction, scored: Arc<Scored>, usual_amount: bool) {
         self.state.replay_observe(tx, Targets::ACCOUNT, 0);
-        self.restore_transaction(tx, scored, None);
+        self.restore_transaction(tx, scored, None, usual_amount);
     }
 
     /// Rebuilding a partition from the ledger: a label, with its change to the account's

@@ -44,7 +44,7 @@ const fn spec(
 }
 
 /// Number of features.
-pub const N_FEATURES: usize = 42;
+pub const N_FEATURES: usize = 46;
 
 /// A feature vector in [`FEATURES`] order.
 pub type FeatureVector = [f64; N_FEATURES];
@@ -189,6 +189,27 @@ pub const FEATURES: [FeatureSpec; N_FEATURES] = [
         Some((0.0, 500.0)),
     ),
     spec(
+        "acct_max_7d_vs_before",
+        AMT,
+        AMT_TEXT,
+        "account's largest amount over the last 7 days / its mean amount in the 30-day window before them: a recent spree against the history a compromise has not reached (1 with none)",
+        Some((0.0, 20.0)),
+    ),
+    spec(
+        "acct_mean_7d_vs_before",
+        AMT,
+        AMT_TEXT,
+        "account's mean amount over the last 7 days / its mean amount in the 30-day window before them (1 with none)",
+        Some((0.0, 10.0)),
+    ),
+    spec(
+        "acct_mean_1d_vs_before",
+        AMT,
+        AMT_TEXT,
+        "account's mean amount over the last day / its mean amount in the 30-day window before the last 7 days (1 with none)",
+        Some((0.0, 10.0)),
+    ),
+    spec(
         "acct_amount_mean_1d",
         "ACCOUNT_SPEND_LEVEL",
         "this account's usual amount",
@@ -322,6 +343,13 @@ pub const FEATURES: [FeatureSpec; N_FEATURES] = [
         None,
     ),
     spec(
+        "merch_usual_amount_frauds",
+        MKR,
+        MKR_TEXT,
+        "reported frauds at this merchant over the 30 days before the label delay and since, whose amount was usual for the paying account: fraud the accounts' own behaviour does not explain, as at a compromised point of sale",
+        Some((0.0, 20.0)),
+    ),
+    spec(
         "merch_amount_ratio_30d",
         "AMOUNT_HIGH_FOR_MERCHANT",
         "amount is high for this merchant",
@@ -397,6 +425,47 @@ fn fraud_rate(view: Option<&EntityView>, w: usize) -> f64 {
     view.map_or(0.0, |v| v.windows[w].fraud_rate())
 }
 
+/// A payment's amount is usual for its account when it is at most this many times the
+/// account's mean amount before its 7-day window (or the account has no such history).
+pub const USUAL_AMOUNT_RATIO: f64 = 2.0;
+
+/// Index of `acct_amount_ratio_before_7d`, which [`usual_amount`] reads.
+const RATIO_BEFORE_7D: usize = const_index("acct_amount_ratio_before_7d");
+
+const fn const_index(name: &str) -> usize {
+    let mut i = 0;
+    while i < N_FEATURES {
+        if str_eq(FEATURES[i].name, name) {
+            return i;
+        }
+        i += 1;
+    }
+    panic!("no such feature")
+}
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Was the amount of the payment with these features usual for its account? Kept with the
+/// payment so that a later fraud report can tell merchant-side fraud (usual amounts, as a
+/// compromised terminal takes them) from account-side fraud (a compromised card's unusual
+/// spending).
+pub fn usual_amount(features: &FeatureVector) -> bool {
+    features[RATIO_BEFORE_7D] <= USUAL_AMOUNT_RATIO
+}
+
 /// The feature vector of `tx` given what was known before it.
 pub fn extract(tx: &Transaction, s: &Views) -> FeatureVector {
     let amount = tx.amount;
@@ -433,6 +502,9 @@ pub fn extract(tx: &Transaction, s: &Views) -> FeatureVector {
         s.account.distinct_recent_merchants as f64,
         ratio(amount, older.mean()),
         older.mean().unwrap_or(0.0),
+        (acct[2].count > 0).then_some(acct[2].max).map_or(1.0, |m| ratio(m, older.mean())),
+        acct[2].mean().map_or(1.0, |m| ratio(m, older.mean())),
+        acct[1].mean().map_or(1.0, |m| ratio(m, older.mean())),
         acct[1].mean().unwrap_or(0.0),
         acct[2].mean().unwrap_or(0.0),
         acct[LONGEST].mean().unwrap_or(0.0),
@@ -452,6 +524,7 @@ pub fn extract(tx: &Transaction, s: &Views) -> FeatureVector {
         risk.days_since_oldest_fraud as f64,
         risk.clean_since_fraud as f64,
         risk.fraud_share_since_first,
+        risk.usual_amount_frauds as f64,
         ratio(amount, merch[LONGEST].mean()),
         count(s.device.as_ref(), 1),
         fraud_rate(s.device.as_ref(), LONGEST),

@@ -16,7 +16,7 @@ use crate::engine::EngineImage;
 
 /// Bumped when the image's layout changes; an older file is then ignored (the journal
 /// replays everything instead).
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const KEEP: usize = 2;
 
 #[derive(Deserialize)]

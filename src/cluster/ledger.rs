@@ -120,6 +120,7 @@ impl Ledger {
         transaction: proto::Transaction,
         response: proto::ScoreResponse,
         input_seq: u64,
+        usual_amount: bool,
     ) -> (String, PublishMessage) {
         let entry = proto::LedgerEntry {
             origin: self.origin.clone(),
@@ -127,6 +128,7 @@ impl Ledger {
                 transaction: Some(transaction),
                 response: Some(response),
                 input_seq,
+                unusual_amount: !usual_amount,
             })),
         };
         (self.subject(p), publish(&entry, id.to_owned()))
@@ -153,6 +155,7 @@ impl Ledger {
                 device: facts.device,
                 ip: facts.ip,
                 event_time: facts.event_time,
+                unusual_amount: !facts.usual_amount,
             })),
         };
         let p = crate::state::partitioned::partition(facts.account);
@@ -177,8 +180,9 @@ impl crate::stream::Record for Ledger {
         transaction: proto::Transaction,
         response: proto::ScoreResponse,
         input_seq: u64,
+        usual_amount: bool,
     ) -> (String, PublishMessage) {
-        Ledger::scored(self, p, id, transaction, response, input_seq)
+        Ledger::scored(self, p, id, transaction, response, input_seq, usual_amount)
     }
 
     fn labelled(
@@ -200,8 +204,9 @@ fn publish(entry: &proto::LedgerEntry, msg_id: String) -> PublishMessage {
 
 /// One decoded entry.
 enum Decoded {
-    /// The transaction, its answer, and its place in the partitioned stream.
-    Scored(Transaction, Box<proto::ScoreResponse>, u64),
+    /// The transaction, its answer, its place in the partitioned stream, and whether its
+    /// amount was usual for its account.
+    Scored(Transaction, Box<proto::ScoreResponse>, u64, bool),
     Labelled(proto::LedgerLabelled),
 }
 
@@ -219,6 +224,7 @@ fn decode(payload: &[u8]) -> anyhow::Result<(String, Decoded)> {
                 tx,
                 Box::new(s.response.context("a scoring without its answer")?),
                 s.input_seq,
+                !s.unusual_amount,
             )
         }
         ledger_entry::Entry::Labelled(l) => Decoded::Labelled(l),
@@ -233,6 +239,7 @@ fn facts_of(l: &proto::LedgerLabelled) -> TxFacts {
         device: l.device,
         ip: l.ip,
         event_time: l.event_time,
+        usual_amount: !l.unusual_amount,
     }
 }
 
@@ -431,8 +438,8 @@ pub(crate) async fn rebuild(shared: &Shared, p: usize) -> anyhow::Result<Rebuilt
     let mut latest = 0u64;
     let apply = |entry: Decoded, report: &mut Rebuilt| -> anyhow::Result<()> {
         match entry {
-            Decoded::Scored(tx, response, _) => {
-                engine.rebuild_scored(&tx, Arc::new(scored_of(&response)?));
+            Decoded::Scored(tx, response, _, usual_amount) => {
+                engine.rebuild_scored(&tx, Arc::new(scored_of(&response)?), usual_amount);
                 report.scorings += 1;
             }
             Decoded::Labelled(l) => {
@@ -454,7 +461,7 @@ pub(crate) async fn rebuild(shared: &Shared, p: usize) -> anyhow::Result<Rebuilt
         match decode(&message.payload) {
             Ok((_, entry)) => {
                 let key = match &entry {
-                    Decoded::Scored(_, _, input) => {
+                    Decoded::Scored(_, _, input, _) => {
                         latest = latest.max(*input);
                         *input
                     }

@@ -21,7 +21,7 @@ use rusqlite::{params, Connection, OpenFlags, Row};
 
 use crate::domain::{Decision, Label, Reason, Scored, Transaction};
 use crate::engine::{Engine, ReplayCut};
-use crate::features::{FeatureVector, N_FEATURES};
+use crate::features::{usual_amount, FeatureVector, N_FEATURES};
 use crate::proto;
 use crate::snapshot;
 use crate::state::TxFacts;
@@ -85,7 +85,7 @@ fn replay(
         "SELECT * FROM (\
            SELECT d.seq, 0, 0, d.features, {TX_COLUMNS} FROM decisions d WHERE d.seq > ?1 \
            UNION ALL \
-           SELECT f.seq, 1, f.fraud_delta, NULL, {TX_COLUMNS} FROM feedback f JOIN decisions d \
+           SELECT f.seq, 1, f.fraud_delta, d.features, {TX_COLUMNS} FROM feedback f JOIN decisions d \
              ON d.seq = (SELECT max(seq) FROM decisions WHERE transaction_id = f.transaction_id \
              AND seq < f.seq) WHERE f.seq > ?1 AND f.fraud_delta != 0\
          ) ORDER BY 1"
@@ -95,13 +95,14 @@ fn replay(
         let seq: i64 = row.get(0)?;
         let is_feedback: i64 = row.get(1)?;
         let tx = transaction_of(row, 4).with_context(|| format!("journal entry {seq}"))?;
+        let features = features_of(&row.get::<_, String>(3)?)
+            .with_context(|| format!("journal entry {seq}: the decision's features"))?;
         if is_feedback == 1 {
-            engine.replay_feedback(seq as u64, &TxFacts::of(&tx), row.get(2)?, cut);
+            let facts = TxFacts::of(&tx, usual_amount(&features));
+            engine.replay_feedback(seq as u64, &facts, row.get(2)?, cut);
             report.feedback_replayed += 1;
             continue;
         }
-        let features = features_of(&row.get::<_, String>(3)?)
-            .with_context(|| format!("journal decision {seq}: features"))?;
         let now = engine.replay_decision(seq as u64, &tx, &features, cut);
         if now.is_some_and(|now| {
             now.iter()
@@ -135,7 +136,7 @@ fn restore_transactions(
     let mut stmt = conn.prepare(&format!(
         "SELECT d.seq, d.decision, d.score, d.anomaly_score, d.classifier_score, d.reasons, \
          d.model_version, (SELECT f.label FROM feedback f WHERE f.transaction_id = \
-         d.transaction_id AND f.seq > d.seq ORDER BY f.seq DESC LIMIT 1), {TX_COLUMNS} \
+         d.transaction_id AND f.seq > d.seq ORDER BY f.seq DESC LIMIT 1), d.features, {TX_COLUMNS} \
          FROM decisions d WHERE d.seq > coalesce((SELECT seq FROM decisions \
          ORDER BY seq DESC LIMIT 1 OFFSET ?1), -1) ORDER BY d.seq"
     ))?;
@@ -162,8 +163,9 @@ fn restore_transactions(
             reasons: reasons_of(&row.get::<_, String>(5)?).with_context(context)?,
             model_version: Arc::from(row.get::<_, String>(6)?),
         };
-        let tx = transaction_of(row, 8).with_context(context)?;
-        engine.restore_transaction(&tx, Arc::new(scored), label);
+        let features = features_of(&row.get::<_, String>(8)?).with_context(context)?;
+        let tx = transaction_of(row, 9).with_context(context)?;
+        engine.restore_transaction(&tx, Arc::new(scored), label, usual_amount(&features));
         report.transactions_restored += 1;
     }
     Ok(())

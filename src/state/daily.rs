@@ -40,9 +40,14 @@ pub struct RiskView {
     /// day of the maturity edge (`t - delay`), at most 1: how consistently the merchant has
     /// been defrauded since fraud appeared (0 when none is known).
     pub fraud_share_since_first: f64,
+    /// Reported frauds of the days from 30 days before the maturity edge (`t - delay`) to
+    /// today whose amount was usual for the paying account: fraud the accounts' own
+    /// behaviour does not explain, as at a compromised point of sale (compromised accounts
+    /// show up as unusual amounts instead).
+    pub usual_amount_frauds: u32,
 }
 
-/// Per-day payment and fraud counts over the last [`DAYS`] days (392 bytes).
+/// Per-day payment and fraud counts over the last [`DAYS`] days (456 bytes).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DailyRisk {
     /// Day index (days since the epoch) of the newest payment, or `i64::MIN` before one.
@@ -51,6 +56,9 @@ pub struct DailyRisk {
     count: [u32; DAYS],
     #[serde(with = "serde_big_array::BigArray")]
     frauds: [u16; DAYS],
+    /// Of `frauds`, those whose amount was usual for their account (saturating at 255).
+    #[serde(with = "serde_big_array::BigArray")]
+    usual_frauds: [u8; DAYS],
 }
 
 impl Default for DailyRisk {
@@ -59,6 +67,7 @@ impl Default for DailyRisk {
             head: i64::MIN,
             count: [0; DAYS],
             frauds: [0; DAYS],
+            usual_frauds: [0; DAYS],
         }
     }
 }
@@ -84,6 +93,7 @@ impl DailyRisk {
                 let s = slot(day - k);
                 self.count[s] = 0;
                 self.frauds[s] = 0;
+                self.usual_frauds[s] = 0;
             }
             self.head = day;
         }
@@ -93,18 +103,28 @@ impl DailyRisk {
         }
     }
 
-    /// Adds `delta` (+1 or -1) to the frauds of the day of `t`, if that day is still kept.
-    pub fn add_fraud(&mut self, t: EventTime, delta: i32) {
+    /// Adds `delta` (+1 or -1) to the frauds of the day of `t`, if that day is still kept;
+    /// `usual_amount`: the payment's amount was usual for its account.
+    pub fn add_fraud(&mut self, t: EventTime, delta: i32, usual_amount: bool) {
         let day = t.div_euclid(DAY);
         if !self.live(day) {
             return;
         }
-        let f = &mut self.frauds[slot(day)];
+        let s = slot(day);
+        let f = &mut self.frauds[s];
         *f = if delta >= 0 {
             f.saturating_add(delta as u16)
         } else {
             f.saturating_sub(delta.unsigned_abs() as u16)
         };
+        if usual_amount {
+            let u = &mut self.usual_frauds[s];
+            *u = if delta >= 0 {
+                u.saturating_add(delta.min(255) as u8)
+            } else {
+                u.saturating_sub(delta.unsigned_abs().min(255) as u8)
+            };
+        }
     }
 
     /// The risk known at `t` when labels take `delay_secs` to arrive.
@@ -138,6 +158,9 @@ impl DailyRisk {
             }
         }
         let edge = (t - delay_secs.max(0)).div_euclid(DAY);
+        for day in (edge - RISK_DAYS[2] + 1).max(self.head - DAYS as i64 + 1)..=self.head.min(today) {
+            view.usual_amount_frauds += u32::from(self.usual_frauds[slot(day)]);
+        }
         let (mut since_first_payments, mut since_first_frauds) = (0u64, 0u64);
         let mut seen_fraud = false;
         for day in (self.head - DAYS as i64 + 1)..=self.head.min(today) {
@@ -176,7 +199,7 @@ impl DailyRisk {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<DailyRisk>() == 392);
+const _: () = assert!(std::mem::size_of::<DailyRisk>() == 456);
 
 #[cfg(test)]
 mod tests {
@@ -184,7 +207,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// The definitions, from the full list of (time, fraud reported) payments.
-    fn brute(events: &[(i64, bool)], t: i64, delay: i64) -> RiskView {
+    fn brute(events: &[(i64, bool, bool)], t: i64, delay: i64) -> RiskView {
         let mut view = RiskView {
             days_since_newest_fraud: DAYS as u32,
             days_since_oldest_fraud: DAYS as u32,
@@ -216,6 +239,13 @@ mod tests {
             view.days_since_oldest_fraud = (today - oldest).min(DAYS as i64) as u32;
         }
         view.early_frauds = fraud_days.iter().filter(|&&d| d > matured).count() as u32;
+        let edge = (t - delay).div_euclid(DAY);
+        view.usual_amount_frauds = events
+            .iter()
+            .filter(|e| e.1 && e.2)
+            .map(|e| e.0.div_euclid(DAY))
+            .filter(|&d| kept(d) && d <= today && d > edge - RISK_DAYS[2])
+            .count() as u32;
         if let Some(&first) = fraud_days.iter().min() {
             let edge = (t - delay).div_euclid(DAY);
             let payments = events
@@ -244,13 +274,13 @@ mod tests {
         fn views_equal_the_definitions(
             start in -1_000_000_000i64..1_000_000_000,
             steps in prop::collection::vec(
-                (-250_000i64..300_000, any::<bool>(), -200_000i64..400_000, 0i64..20 * DAY),
+                (-250_000i64..300_000, any::<bool>(), any::<bool>(), -200_000i64..400_000, 0i64..20 * DAY),
                 1..150),
         ) {
             let mut risk = DailyRisk::default();
-            let mut events: Vec<(i64, bool)> = Vec::new();
+            let mut events: Vec<(i64, bool, bool)> = Vec::new();
             let mut clock = start;
-            for (step, fraud, probe, delay) in steps {
+            for (step, fraud, usual, probe, delay) in steps {
                 clock += step.max(0);
                 let t = clock + step.min(0);
                 risk.add(t);
@@ -258,10 +288,10 @@ mod tests {
                 // A payment whose day already left the ring is not kept at all.
                 let kept = t.div_euclid(DAY) > head - DAYS as i64;
                 if fraud {
-                    risk.add_fraud(t, 1);
+                    risk.add_fraud(t, 1, usual);
                 }
                 if kept {
-                    events.push((t, fraud));
+                    events.push((t, fraud, usual));
                 }
                 let at = clock + probe;
                 prop_assert_eq!(risk.view(at, delay), brute(&events, at, delay));
@@ -275,16 +305,17 @@ mod tests {
         let day0 = 100 * DAY;
         r.add(day0 + 10);
         r.add(day0 + 20);
-        r.add_fraud(day0 + 10, 1);
+        r.add_fraud(day0 + 10, 1, true);
         let delay = 7 * DAY;
         let early = r.view(day0 + 7 * DAY + 5, delay);
         assert_eq!(early.matured_rate, [0.0; 3], "day 0 has not matured yet");
         assert_eq!(early.early_frauds, 1);
         assert_eq!(early.days_since_newest_fraud, 7);
+        assert_eq!(early.usual_amount_frauds, 1, "usual-amount frauds count once reported");
         let ripe = r.view(day0 + 8 * DAY, delay);
         assert_eq!(ripe.matured_rate, [0.5; 3]);
         assert_eq!(ripe.early_frauds, 0);
-        r.add_fraud(day0 + 10, -1);
+        r.add_fraud(day0 + 10, -1, true);
         assert_eq!(r.view(day0 + 8 * DAY, delay).matured_rate, [0.0; 3]);
     }
 }

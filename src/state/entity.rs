@@ -93,10 +93,11 @@ impl MerchantState {
         (self.base.observe(t, amount), risk)
     }
 
-    /// A fraud report (+1) or its correction (-1) for a payment at `t`.
-    pub fn add_fraud(&mut self, t: EventTime, delta: i32) {
+    /// A fraud report (+1) or its correction (-1) for a payment at `t`, whose amount was
+    /// usual for its account or not.
+    pub fn add_fraud(&mut self, t: EventTime, delta: i32, usual_amount: bool) {
         self.base.windows.add_fraud(t, delta);
-        self.risk.add_fraud(t, delta);
+        self.risk.add_fraud(t, delta, usual_amount);
     }
 }
 

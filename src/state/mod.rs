@@ -45,16 +45,22 @@ pub struct TxFacts {
     pub device: Option<EntityKey>,
     pub ip: Option<EntityKey>,
     pub event_time: EventTime,
+    /// The amount was usual for the account when it was scored
+    /// ([`crate::features::usual_amount`]): a fraud report then counts against the merchant
+    /// as fraud the account's behaviour does not explain.
+    pub usual_amount: bool,
 }
 
 impl TxFacts {
-    pub fn of(tx: &Transaction) -> TxFacts {
+    /// The facts of `tx`, scored with an amount usual for its account or not.
+    pub fn of(tx: &Transaction, usual_amount: bool) -> TxFacts {
         TxFacts {
             account: tx.account,
             merchant: tx.merchant,
             device: tx.device,
             ip: tx.ip,
             event_time: tx.event_time,
+            usual_amount,
         }
     }
 }
@@ -376,7 +382,7 @@ impl State {
         }
         if pending.merchant {
             if let Some(mut m) = self.merchants.map(facts.merchant).get_mut(&facts.merchant) {
-                m.add_fraud(t, delta);
+                m.add_fraud(t, delta, facts.usual_amount);
             }
         }
         for (key, map, due) in [
@@ -560,7 +566,7 @@ mod tests {
         restored.restore(image);
         for seq in from + 1..after + 300 {
             let t = spread_tx(seq);
-            restored.replay_observe(&t, cut.pending(&TxFacts::of(&t), seq), D);
+            restored.replay_observe(&t, cut.pending(&TxFacts::of(&t, true), seq), D);
         }
         assert_eq!(entries(&restored), entries(&live));
     }

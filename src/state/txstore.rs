@@ -185,6 +185,7 @@ mod tests {
             device: None,
             ip: None,
             event_time: 0,
+            usual_amount: true,
         };
         let scored = Scored {
             decision: Decision::Allow,

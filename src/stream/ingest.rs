@@ -50,6 +50,7 @@ pub trait Record: Send + Sync {
         transaction: proto::Transaction,
         response: proto::ScoreResponse,
         input_seq: u64,
+        usual_amount: bool,
     ) -> (String, PublishMessage);
     /// The entry recording a label about to be applied to a transaction this node holds.
     fn labelled(
@@ -139,8 +140,9 @@ enum Scoring {
         id: String,
         explain: bool,
         pending: Pending,
-        /// Cluster mode: the account's partition and the transaction as sent.
-        ledger: Option<(usize, proto::Transaction)>,
+        /// Cluster mode: the account's partition, the transaction as sent, and whether its
+        /// amount was usual for the account.
+        ledger: Option<(usize, proto::Transaction, bool)>,
     },
     /// Not scorable: the item error is the decision published for it.
     Refused(proto::ScoreResponse, &'static str),
@@ -210,12 +212,12 @@ impl Ingest {
                         // failed; never for a client's retry of an answered transaction.
                         let redelivered = message.info().is_ok_and(|i| i.delivered > 1);
                         let record = match (ledger, &self.record) {
-                            (Some((p, raw)), Some(record))
+                            (Some((p, raw, usual)), Some(record))
                                 if !traced.outcome.replayed || redelivered =>
                             {
                                 let answer = to_proto(id.clone(), &traced.outcome);
                                 let input = message.info().map_or(0, |i| i.stream_sequence);
-                                Some(record.scored(p, &id, raw, answer, input))
+                                Some(record.scored(p, &id, raw, answer, input, usual))
                             }
                             _ => None,
                         };
@@ -366,18 +368,20 @@ impl Ingest {
             Err(refused) => return Scoring::Refused(*refused, "invalid"),
         };
         let raw = req.transaction.unwrap_or_default();
-        let ledger = self.record.is_some().then(|| {
-            (
-                crate::state::partitioned::partition(tx.account),
-                raw.clone(),
-            )
-        });
+        let ledger = self
+            .record
+            .is_some()
+            .then(|| (crate::state::partitioned::partition(tx.account), raw.clone()));
         match self.node.score_pending(&tx, raw, true) {
             Ok(pending) => Scoring::Pending {
+                // Scored (or found stored) just now: its facts are in the store.
+                ledger: ledger.map(|(p, raw)| {
+                    let facts = self.node.engine().transaction_facts(tx.key);
+                    (p, raw, facts.is_none_or(|(f, _)| f.usual_amount))
+                }),
                 id: tx.id,
                 explain: req.explain,
                 pending,
-                ledger,
             },
             Err(NodeError::JournalFull) => Scoring::Later,
             Err(e) => {
