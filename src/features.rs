@@ -502,7 +502,9 @@ pub fn extract(tx: &Transaction, s: &Views) -> FeatureVector {
         s.account.distinct_recent_merchants as f64,
         ratio(amount, older.mean()),
         older.mean().unwrap_or(0.0),
-        (acct[2].count > 0).then_some(acct[2].max).map_or(1.0, |m| ratio(m, older.mean())),
+        (acct[2].count > 0)
+            .then_some(acct[2].max)
+            .map_or(1.0, |m| ratio(m, older.mean())),
         acct[2].mean().map_or(1.0, |m| ratio(m, older.mean())),
         acct[1].mean().map_or(1.0, |m| ratio(m, older.mean())),
         acct[1].mean().unwrap_or(0.0),

@@ -169,6 +169,37 @@ async fn stop(mut child: Child) {
     }
 }
 
+/// CPU time (user + system) the process `pid` has used so far, in seconds, from
+/// `/proc/<pid>/stat` (none where there is no such file).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing paren.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of proc(5); `rest` starts at field 3.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_sec > 0).then(|| ticks as f64 / per_sec as f64)
+}
+
+/// The CPU `pid` uses over the measured window of a run starting now: from the end of the
+/// warm-up to the end of the measured duration.
+fn sample_cpu(
+    pid: Option<u32>,
+    cfg: &CompareConfig,
+) -> Option<tokio::task::JoinHandle<Option<f64>>> {
+    let (warmup, duration) = (cfg.warmup, cfg.duration);
+    pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            let before = cpu_secs(pid)?;
+            tokio::time::sleep(duration).await;
+            Some(cpu_secs(pid)? - before)
+        })
+    })
+}
+
 async fn one(
     target: Target,
     mode: Mode,
@@ -177,6 +208,7 @@ async fn one(
 ) -> anyhow::Result<Report> {
     let data_dir = tempfile::tempdir().context("creating a data directory for fraudgate")?;
     let (child, url) = start(target, cfg, &data_dir.path().join("data")).await?;
+    let pid = child.id();
     // Same traffic (same seed) for both targets; ids unique per run.
     let traffic = Arc::new(Traffic::new(
         cfg.accounts,
@@ -195,10 +227,18 @@ async fn one(
         duration: cfg.duration,
         max_in_flight: 10_000,
     };
+    let cpu = sample_cpu(pid, cfg);
     let result = run::run(&run_cfg, traffic).await;
+    let cpu = match cpu {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
     stop(child).await;
     let (mut report, _) = result?;
     report.target = target.name().into();
+    report.server_cpu_us_per_call = cpu
+        .filter(|_| report.score.ok > 0)
+        .map(|secs| secs * 1e6 / report.score.ok as f64);
     println!("{report}");
     Ok(report)
 }
@@ -212,8 +252,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Medians over rounds of (throughput, p99, p99.9) for each target.
-fn medians(reports: &[Report], target: Target) -> (f64, f64, f64) {
+/// Medians over rounds of (throughput, p99, p99.9, server CPU us per call) for each target.
+fn medians(reports: &[Report], target: Target) -> (f64, f64, f64, f64) {
     let of = |f: fn(&Report) -> f64| {
         median(
             reports
@@ -227,6 +267,7 @@ fn medians(reports: &[Report], target: Target) -> (f64, f64, f64) {
         of(|r| r.throughput),
         of(|r| r.score.latency_us.p99),
         of(|r| r.score.latency_us.p999),
+        of(|r| r.server_cpu_us_per_call.unwrap_or(f64::NAN)),
     )
 }
 
@@ -250,8 +291,8 @@ pub async fn compare(cfg: &CompareConfig) -> anyhow::Result<String> {
             );
         }
     }
-    let (fg_tput, fg_p99, _) = medians(&closed_reports, Target::Fraudgate);
-    let (ce_tput, ce_p99, _) = medians(&closed_reports, Target::Ceiling);
+    let (fg_tput, fg_p99, _, fg_cpu) = medians(&closed_reports, Target::Fraudgate);
+    let (ce_tput, ce_p99, _, ce_cpu) = medians(&closed_reports, Target::Ceiling);
     let rate = (ce_tput / 2.0).max(1.0);
     let mut open_reports = Vec::new();
     for round in 0..cfg.rounds.max(1) {
@@ -272,8 +313,8 @@ pub async fn compare(cfg: &CompareConfig) -> anyhow::Result<String> {
             );
         }
     }
-    let (_, fo_p99, fo_p999) = medians(&open_reports, Target::Fraudgate);
-    let (_, co_p99, co_p999) = medians(&open_reports, Target::Ceiling);
+    let (_, fo_p99, fo_p999, fo_cpu) = medians(&open_reports, Target::Fraudgate);
+    let (_, co_p99, co_p999, co_cpu) = medians(&open_reports, Target::Ceiling);
     println!(
         "| medians over {} rounds | fraudgate | ceiling | fraudgate / ceiling |",
         cfg.rounds
@@ -289,6 +330,10 @@ pub async fn compare(cfg: &CompareConfig) -> anyhow::Result<String> {
         fg_p99 / ce_p99
     );
     println!(
+        "| closed loop server CPU per call us | {fg_cpu:.1} | {ce_cpu:.1} | {:.2} |",
+        fg_cpu / ce_cpu
+    );
+    println!(
         "| open loop at {rate:.0}/s p99 us | {fo_p99:.0} | {co_p99:.0} | {:.2} |",
         fo_p99 / co_p99
     );
@@ -296,9 +341,14 @@ pub async fn compare(cfg: &CompareConfig) -> anyhow::Result<String> {
         "| open loop at {rate:.0}/s p99.9 us | {fo_p999:.0} | {co_p999:.0} | {:.2} |",
         fo_p999 / co_p999
     );
+    println!(
+        "| open loop at {rate:.0}/s server CPU per call us | {fo_cpu:.1} | {co_cpu:.1} | {:.2} |",
+        fo_cpu / co_cpu
+    );
     let summary = format!(
-        "summary: throughput ratio={:.2} ({fg_tput:.0}/s vs {ce_tput:.0}/s closed loop); open loop at {rate:.0}/s p99 ratio={:.2} p99.9 ratio={:.2}",
+        "summary: throughput ratio={:.2} ({fg_tput:.0}/s vs {ce_tput:.0}/s closed loop); server CPU per call ratio={:.2} ({fg_cpu:.1} us vs {ce_cpu:.1} us); open loop at {rate:.0}/s p99 ratio={:.2} p99.9 ratio={:.2}",
         fg_tput / ce_tput,
+        fg_cpu / ce_cpu,
         fo_p99 / co_p99,
         fo_p999 / co_p999
     );
@@ -309,6 +359,20 @@ pub async fn compare(cfg: &CompareConfig) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_has_used_some_cpu_and_the_count_only_grows() {
+        let before = cpu_secs(std::process::id()).expect("/proc/self/stat");
+        // Busy for 100 ms of wall time: ten clock ticks of CPU.
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        let after = cpu_secs(std::process::id()).expect("/proc/self/stat");
+        assert!(after > before, "{before} -> {after}");
+        assert!(cpu_secs(u32::MAX).is_none());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -77,6 +77,11 @@ pub struct Report {
     pub throughput: f64,
     pub score: RpcStats,
     pub feedback: RpcStats,
+    /// The server process's CPU time (user + system, from `/proc/<pid>/stat`) over the
+    /// measured window per answered `Score`, in microseconds: steadier than throughput on a
+    /// shared machine. Known only when the tool started the server (`compare`).
+    #[serde(default)]
+    pub server_cpu_us_per_call: Option<f64>,
 }
 
 impl Report {
@@ -128,6 +133,9 @@ impl fmt::Display for Report {
             self.score.failed(),
             self.score.errors
         )?;
+        if let Some(cpu) = self.server_cpu_us_per_call {
+            writeln!(f, "  server CPU: {cpu:.1} us per answered call")?;
+        }
         if self.feedback.ok + self.feedback.failed() > 0 {
             let l = &self.feedback.latency_us;
             writeln!(

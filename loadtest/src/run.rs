@@ -277,6 +277,7 @@ fn report(
         throughput: Report::throughput(score.ok, secs),
         score,
         feedback,
+        server_cpu_us_per_call: None,
     };
     (report, hist)
 }

@@ -158,7 +158,8 @@ impl DailyRisk {
             }
         }
         let edge = (t - delay_secs.max(0)).div_euclid(DAY);
-        for day in (edge - RISK_DAYS[2] + 1).max(self.head - DAYS as i64 + 1)..=self.head.min(today) {
+        for day in (edge - RISK_DAYS[2] + 1).max(self.head - DAYS as i64 + 1)..=self.head.min(today)
+        {
             view.usual_amount_frauds += u32::from(self.usual_frauds[slot(day)]);
         }
         let (mut since_first_payments, mut since_first_frauds) = (0u64, 0u64);
@@ -311,7 +312,10 @@ mod tests {
         assert_eq!(early.matured_rate, [0.0; 3], "day 0 has not matured yet");
         assert_eq!(early.early_frauds, 1);
         assert_eq!(early.days_since_newest_fraud, 7);
-        assert_eq!(early.usual_amount_frauds, 1, "usual-amount frauds count once reported");
+        assert_eq!(
+            early.usual_amount_frauds, 1,
+            "usual-amount frauds count once reported"
+        );
         let ripe = r.view(day0 + 8 * DAY, delay);
         assert_eq!(ripe.matured_rate, [0.5; 3]);
         assert_eq!(ripe.early_frauds, 0);

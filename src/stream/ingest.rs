@@ -368,10 +368,12 @@ impl Ingest {
             Err(refused) => return Scoring::Refused(*refused, "invalid"),
         };
         let raw = req.transaction.unwrap_or_default();
-        let ledger = self
-            .record
-            .is_some()
-            .then(|| (crate::state::partitioned::partition(tx.account), raw.clone()));
+        let ledger = self.record.is_some().then(|| {
+            (
+                crate::state::partitioned::partition(tx.account),
+                raw.clone(),
+            )
+        });
         match self.node.score_pending(&tx, raw, true) {
             Ok(pending) => Scoring::Pending {
                 // Scored (or found stored) just now: its facts are in the store.
