@@ -3,6 +3,11 @@
 use fraudgate::cli::Cli;
 use fraudgate::error::Usage;
 
+/// mimalloc rather than glibc's malloc: every call allocates on a runtime worker and the
+/// journal writer frees on its own thread, which glibc's arenas make costly (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs the command; every error that ends it is printed as one `error:` line with its
 /// causes and never a backtrace (`RUST_LOG=debug` adds the debug form), exit code 2 for bad
 /// flags, config or input files and 1 for failures at run time.

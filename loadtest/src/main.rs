@@ -9,6 +9,11 @@ mod run;
 mod stream;
 mod traffic;
 
+/// The allocator `fraudgate serve` runs with, for both servers this binary starts
+/// (`serve-fraudgate` and `ceiling-server`), so the comparison stays like for like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
