@@ -55,6 +55,7 @@ pub struct TrainParams {
     pub progress: bool,
 }
 
+/// The `train` command's defaults: its flags read them from here (`cli/offline.rs`).
 impl Default for TrainParams {
     fn default() -> Self {
         TrainParams {
@@ -64,8 +65,16 @@ impl Default for TrainParams {
             burn_in_days: 7,
             validation_days: 14,
             holdout_days: 21,
-            max_fit_rows: 150_000,
-            forest: ForestParams::default(),
+            max_fit_rows: 400_000,
+            // 20 trees of depth <= 16 trying three quarters of the features at each split:
+            // what measured best on the handbook benchmark for its fitting time (QUALITY.md).
+            forest: ForestParams {
+                n_trees: 20,
+                max_depth: 16,
+                min_samples_leaf: 5,
+                mtry: Some(crate::features::N_FEATURES * 3 / 4),
+                seed: 7,
+            },
             hst: HstParams::default(),
             review_precision: 0.2,
             deny_precision: 0.8,

@@ -93,38 +93,38 @@ pub struct TrainArgs {
     #[arg(long, value_parser = duration, default_value = "7d")]
     label_delay: Duration,
     /// Days at the start used only to warm up the windows.
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = TrainParams::default().burn_in_days)]
     burn_in_days: u32,
     /// Days before the holdout used to choose thresholds and the anomaly weight.
-    #[arg(long, default_value_t = 14)]
+    #[arg(long, default_value_t = TrainParams::default().validation_days)]
     validation_days: u32,
     /// Last days of the input, held out for evaluation.
-    #[arg(long, default_value_t = 21)]
+    #[arg(long, default_value_t = TrainParams::default().holdout_days)]
     holdout_days: u32,
     /// Most rows to fit on (all frauds, legitimate rows sampled and weighted).
-    #[arg(long, default_value_t = 400_000)]
+    #[arg(long, default_value_t = TrainParams::default().max_fit_rows)]
     max_fit_rows: usize,
     /// Trees of the served forest (the one that chooses the thresholds has half as many).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = TrainParams::default().forest.n_trees)]
     trees: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = TrainParams::default().forest.max_depth)]
     max_depth: u16,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = TrainParams::default().forest.min_samples_leaf)]
     min_samples_leaf: usize,
     /// Features tried at each split (default: three quarters of them; more than smartcore's
     /// third measured better on the handbook benchmark, see QUALITY.md).
     #[arg(long)]
     max_features: Option<usize>,
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = TrainParams::default().forest.seed)]
     seed: u64,
     /// Review threshold: lowest score at which this share of validation reviews were fraud...
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = TrainParams::default().review_precision)]
     review_precision: f64,
     /// ...but reviewing no more than this share of validation traffic.
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = TrainParams::default().max_review_rate)]
     max_review_rate: f64,
     /// Deny threshold: lowest score at which this share of validation denials were fraud.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = TrainParams::default().deny_precision)]
     deny_precision: f64,
     /// Hide the progress bars.
     #[arg(long)]
@@ -261,11 +261,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             n_trees: args.trees,
             max_depth: args.max_depth,
             min_samples_leaf: args.min_samples_leaf,
-            mtry: Some(
-                args.max_features
-                    .unwrap_or(crate::features::N_FEATURES * 3 / 4)
-                    .clamp(1, crate::features::N_FEATURES),
-            ),
+            mtry: args
+                .max_features
+                .map(|m| m.clamp(1, crate::features::N_FEATURES))
+                .or(TrainParams::default().forest.mtry),
             seed: args.seed,
         },
         hst: HstParams {
