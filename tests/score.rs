@@ -255,3 +255,88 @@ async fn health_is_serving_for_the_server_and_the_scorer() {
     assert_eq!(unknown.code(), Code::NotFound);
     server.stop().await.unwrap();
 }
+
+/// A fraud at an amount usual for its account counts against the merchant as merchant-side
+/// fraud; one at an amount the account never spends does not (it points at the account),
+/// and a correction takes it back. The account's spending shift is read against its history
+/// before the last 7 days.
+#[tokio::test]
+async fn frauds_at_usual_amounts_count_against_the_merchant() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    const DAY: i64 = 86_400;
+    // Two accounts that paid about 10 EUR a day for three weeks, elsewhere.
+    for (account, n) in [("acct-u", 0), ("acct-x", 1)] {
+        for d in 0..21 {
+            let id = format!("hist-{n}-{d}");
+            let t = tx(&id, account, "m-else", 1_000 + d, d * DAY);
+            client.score(req(t)).await.unwrap();
+        }
+    }
+    let at = 28 * DAY;
+    // acct-u pays a usual 12 EUR at m-usual; acct-x 200 EUR at m-unusual.
+    let usual = client
+        .score(explain(tx("p-usual", "acct-u", "m-usual", 1_200, at)))
+        .await
+        .unwrap()
+        .into_inner();
+    let spree = client
+        .score(explain(tx(
+            "p-unusual",
+            "acct-x",
+            "m-unusual",
+            20_000,
+            at + 10,
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(feature(&usual, "acct_amount_ratio_before_7d") <= 2.0);
+    assert!(feature(&spree, "acct_amount_ratio_before_7d") > 2.0);
+    assert_eq!(
+        feature(&spree, "acct_max_7d_vs_before"),
+        1.0,
+        "nothing in the last 7 days yet"
+    );
+    client.report_feedback(fraud("p-usual")).await.unwrap();
+    client.report_feedback(fraud("p-unusual")).await.unwrap();
+
+    let probe = |id: &str, merchant: &str, secs: i64| {
+        explain(tx(id, &format!("acct-{id}"), merchant, 1_000, secs))
+    };
+    let m_usual = client
+        .score(probe("q1", "m-usual", at + 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let m_unusual = client
+        .score(probe("q2", "m-unusual", at + 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(feature(&m_usual, "merch_usual_amount_frauds"), 1.0);
+    assert_eq!(feature(&m_unusual, "merch_usual_amount_frauds"), 0.0);
+    assert_eq!(
+        feature(&m_unusual, "merch_frauds_30d"),
+        1.0,
+        "the fraud is known, as the account's"
+    );
+
+    // The spree is in acct-x's last 7 days now: its largest amount there against its older
+    // history.
+    let next = client
+        .score(explain(tx("p-next", "acct-x", "m-else", 1_000, at + 120)))
+        .await
+        .unwrap()
+        .into_inner();
+    let shift = feature(&next, "acct_max_7d_vs_before");
+    assert!(shift > 15.0, "200 EUR against about 10: {shift}");
+
+    client.report_feedback(legit("p-usual")).await.unwrap();
+    let corrected = client
+        .score(probe("q3", "m-usual", at + 180))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(feature(&corrected, "merch_usual_amount_frauds"), 0.0);
+}
