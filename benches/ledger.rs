@@ -14,6 +14,7 @@ use fraudgate::engine::{Engine, EngineConfig};
 use fraudgate::model::Model;
 use fraudgate::policy::{Policy, PolicyFile};
 use fraudgate::state::partitioned::partition;
+use fraudgate::stream::Record;
 use fraudgate::wire::answer::to_proto;
 use fraudgate::wire::parse::{self, ParseLimits};
 

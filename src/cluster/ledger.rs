@@ -32,6 +32,7 @@ use crate::proto::{self, ledger_entry};
 use crate::state::partitioned::PARTITIONS;
 use crate::state::txstore::fraud_delta;
 use crate::state::TxFacts;
+use crate::stream::Record;
 use crate::wire::parse::{self, ParseLimits};
 
 /// Writes this process's ledger entries, and knows which partitions this process runs (only
@@ -75,28 +76,6 @@ impl Ledger {
         self.lapsed.swap(false, Ordering::AcqRel)
     }
 
-    /// Checks whether this process may still act as an owner: it renewed its membership
-    /// within half the membership's lifetime. Not a plain query: a lease found run out is
-    /// recorded as a lapse (which [`Ledger::take_lapse`] then reports), so the check and
-    /// the fence that follows it cannot disagree. Another node takes a role only after the membership has
-    /// expired, so an owner that cannot renew (cut off, or paused) stops acting well before
-    /// anyone else can start: at most one owner acts at a time.
-    pub fn check_lease(&self) -> bool {
-        let renewed = self.renewed_ms.load(Ordering::Acquire);
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let fresh =
-            renewed > 0 && now.saturating_sub(renewed) < (super::MEMBER_TTL / 2).as_millis() as u64;
-        if renewed > 0 && !fresh {
-            self.lapsed.store(true, Ordering::Release);
-        }
-        fresh && !self.lapsed.load(Ordering::Acquire)
-    }
-
-    /// Whether this process runs partition `p` (rebuilt, consuming).
-    pub fn runs(&self, p: usize) -> bool {
-        self.running[p].load(Ordering::Acquire)
-    }
-
     pub(crate) fn set_running(&self, p: usize, running: bool) {
         self.running[p].store(running, Ordering::Release);
     }
@@ -110,10 +89,35 @@ impl Ledger {
     pub fn subject(&self, p: usize) -> String {
         crate::nats::ledger_subject(&self.prefix, p)
     }
+}
+
+/// The ledger is the record the stream door's handlers write through; they never name it.
+impl Record for Ledger {
+    /// Checks whether this process may still act as an owner: it renewed its membership
+    /// within half the membership's lifetime. Not a plain query: a lease found run out is
+    /// recorded as a lapse (which [`Ledger::take_lapse`] then reports), so the check and
+    /// the fence that follows it cannot disagree. Another node takes a role only after the membership has
+    /// expired, so an owner that cannot renew (cut off, or paused) stops acting well before
+    /// anyone else can start: at most one owner acts at a time.
+    fn check_lease(&self) -> bool {
+        let renewed = self.renewed_ms.load(Ordering::Acquire);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let fresh =
+            renewed > 0 && now.saturating_sub(renewed) < (super::MEMBER_TTL / 2).as_millis() as u64;
+        if renewed > 0 && !fresh {
+            self.lapsed.store(true, Ordering::Release);
+        }
+        fresh && !self.lapsed.load(Ordering::Acquire)
+    }
+
+    /// Whether this process runs partition `p` (rebuilt, consuming).
+    fn runs(&self, p: usize) -> bool {
+        self.running[p].load(Ordering::Acquire)
+    }
 
     /// The entry for a fresh scoring of `transaction` in partition `p`, scored as the
     /// partitioned stream's message `input_seq`.
-    pub fn scored(
+    fn scored(
         &self,
         p: usize,
         id: &str,
@@ -136,7 +140,7 @@ impl Ledger {
 
     /// The entry for a label about to be applied to a transaction with `facts`, currently
     /// labelled `previous`.
-    pub fn labelled(
+    fn labelled(
         &self,
         fb: &Feedback,
         facts: &TxFacts,
@@ -160,39 +164,6 @@ impl Ledger {
         };
         let p = crate::state::partitioned::partition(facts.account);
         (self.subject(p), publish(&entry, msg_id))
-    }
-}
-
-/// The stream door's handlers record through the ledger without naming the cluster.
-impl crate::stream::Record for Ledger {
-    fn check_lease(&self) -> bool {
-        Ledger::check_lease(self)
-    }
-
-    fn runs(&self, p: usize) -> bool {
-        Ledger::runs(self, p)
-    }
-
-    fn scored(
-        &self,
-        p: usize,
-        id: &str,
-        transaction: proto::Transaction,
-        response: proto::ScoreResponse,
-        input_seq: u64,
-        usual_amount: bool,
-    ) -> (String, PublishMessage) {
-        Ledger::scored(self, p, id, transaction, response, input_seq, usual_amount)
-    }
-
-    fn labelled(
-        &self,
-        fb: &Feedback,
-        facts: &TxFacts,
-        previous: Option<Label>,
-        msg_id: String,
-    ) -> (String, PublishMessage) {
-        Ledger::labelled(self, fb, facts, previous, msg_id)
     }
 }
 

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::nats::{nak, stream_position, Handler, Nats, REPLY_HEADER, RETRY_AFTER};
 use crate::proto;
 use crate::state::partitioned::partition;
+use crate::stream::Record;
 use crate::wire::parse::{self, ParseLimits};
 
 /// The router role's [`Handler`]: owned by the task that runs the role while this node
