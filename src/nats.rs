@@ -226,12 +226,6 @@ impl Retry {
     pub fn reset(&mut self) {
         self.delays = self.builder.build();
     }
-
-    /// Waits the next delay unless `stop` turns true first (false then).
-    pub async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
-        let delay = self.delay();
-        wait_unless_stopped(stop, delay).await
-    }
 }
 
 /// Sleeps `delay` unless `stop` turns true first (false then).
