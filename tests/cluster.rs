@@ -15,6 +15,11 @@ use common::{explain, feature, tx, TestServer};
 use fraudgate::proto;
 use prost::Message;
 
+/// One cluster test at a time: each runs two or three fraudgate processes, a nats-server and
+/// a reference server, and six of them at once on two cores starve the heartbeats and the
+/// followers they time (every test still asserts what it did).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const ACCOUNTS: usize = 40;
 const MERCHANTS: usize = 7;
 
@@ -279,6 +284,7 @@ async fn propagated(js: &async_nats::jetstream::Context, nodes: &[&Node]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_score_as_one_and_survive_a_kill() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start().await;
     let js = nats.jetstream().await;
     let mut nodes = vec![
@@ -370,6 +376,7 @@ async fn three_nodes_score_as_one_and_survive_a_kill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_on_any_node_reach_the_owner() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start().await;
     let js = nats.jetstream().await;
     let nodes = [node(&nats, "g1").await, node(&nats, "g2").await];
@@ -485,6 +492,7 @@ async fn grpc_calls_on_any_node_reach_the_owner() {
 /// its `nats_try.py` and `grpcurl` lines verbatim but for the addresses they name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_cluster_commands_work() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let block = readme
@@ -559,6 +567,7 @@ async fn the_readme_cluster_commands_work() {
 /// where the single node's is, every transaction decided once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_move_on_join_and_restart_without_losing_an_account() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start().await;
     let js = nats.jetstream().await;
     let n1 = node(&nats, "j1").await;
@@ -617,6 +626,7 @@ async fn partitions_move_on_join_and_restart_without_losing_an_account() {
 /// member again, and every account ends where the single node's is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_node_loses_its_partitions_and_acts_on_none_of_them() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start().await;
     let js = nats.jetstream().await;
     let n1 = node(&nats, "s1").await;
@@ -663,6 +673,7 @@ async fn a_paused_node_loses_its_partitions_and_acts_on_none_of_them() {
 /// runs so far: none.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_under_the_cluster_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsServer::start().await;
     let js = nats.jetstream().await;
     let n1 = node(&nats, "r1").await;
