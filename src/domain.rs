@@ -3,6 +3,7 @@
 //! Nothing below the doors sees protobuf or CSV types, and nothing re-checks these values:
 //! a `Transaction` that exists is valid ("parse, don't validate").
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::ids::{EntityKey, TxKey};
@@ -36,6 +37,18 @@ impl Channel {
             5 => Channel::Recurring,
             _ => return None,
         })
+    }
+
+    /// The name the API and the journal use, e.g. `CHANNEL_ECOMMERCE`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Unspecified => "CHANNEL_UNSPECIFIED",
+            Channel::CardPresent => "CHANNEL_CARD_PRESENT",
+            Channel::Ecommerce => "CHANNEL_ECOMMERCE",
+            Channel::Moto => "CHANNEL_MOTO",
+            Channel::Atm => "CHANNEL_ATM",
+            Channel::Recurring => "CHANNEL_RECURRING",
+        }
     }
 
     /// True for channels where the card is not physically present.
@@ -148,15 +161,28 @@ impl Decision {
     }
 }
 
-/// One reason behind a score. Every string is static, so a reason is copied, never allocated,
-/// on the hot path.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// One reason behind a score. The model's and the policy's strings are static (a reason is
+/// not allocated on the hot path); an analyst's rule that hits names itself (`feature` is the
+/// rule id, `text` its description), allocated only when it hits.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Reason {
     pub code: &'static str,
-    pub feature: &'static str,
+    pub feature: Cow<'static, str>,
     pub value: f64,
     pub contribution: f64,
-    pub text: &'static str,
+    pub text: Cow<'static, str>,
+}
+
+/// The identifiers of a transaction as the client wrote them (the [`Transaction`] keeps only
+/// their hashes): what an analyst's rule compares and looks up in lists. Borrowed from the
+/// request for the call; `""` when not given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TxNames<'a> {
+    pub account_id: &'a str,
+    pub merchant_id: &'a str,
+    pub device_id: &'a str,
+    pub ip_address: &'a str,
+    pub merchant_category_code: &'a str,
 }
 
 /// The engine's answer for one transaction; stored for idempotent replays.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::breaker::{BreakerStatus, DeclineBreaker, Verdict};
 use crate::domain::{
-    Decision, Feedback, FeedbackOutcome, Label, Reason, ScoreOutcome, Scored, Transaction,
+    Decision, Feedback, FeedbackOutcome, Label, Reason, ScoreOutcome, Scored, Transaction, TxNames,
 };
 use crate::drift::ModelMonitor;
 use crate::features::{self, FeatureVector};
@@ -32,6 +32,7 @@ use crate::ids::TxKey;
 use crate::model::hst::HstMass;
 use crate::model::{Model, Prediction};
 use crate::policy::Policy;
+use crate::rules::{self, Input, Mode, RuleBook, Ruling};
 use crate::state::txstore::{Conflict, NotFound, TxRecord, TxStore};
 use crate::state::{Cut, EntityCounts, State, StateImage, Targets, TxFacts};
 
@@ -64,6 +65,9 @@ pub struct Detail {
     pub seq: u64,
     pub features: FeatureVector,
     pub prediction: Prediction,
+    /// What the analysts' rules said, and the decision before them.
+    pub rules: Ruling,
+    pub policy_decision: Decision,
 }
 
 /// Applied feedback and its place in the sequence.
@@ -120,6 +124,8 @@ pub struct Engine {
     sequencer: Mutex<u64>,
     /// Cluster mode: merchant, device and IP windows change only from the ledger.
     shared_from_ledger: std::sync::atomic::AtomicBool,
+    /// The analysts' rules and lists.
+    rules: Arc<RuleBook>,
 }
 
 impl Engine {
@@ -135,7 +141,13 @@ impl Engine {
             monitor: ModelMonitor::default(),
             sequencer: Mutex::new(0),
             shared_from_ledger: std::sync::atomic::AtomicBool::new(false),
+            rules: Arc::default(),
         }
+    }
+
+    /// The analysts' rules and lists this engine applies.
+    pub fn rules(&self) -> &Arc<RuleBook> {
+        &self.rules
     }
 
     /// Scores `tx`, or returns the stored answer if it was scored before with the same
@@ -145,8 +157,15 @@ impl Engine {
     }
 
     /// [`Engine::score`], also returning the feature vector, model outputs and sequence
-    /// number.
+    /// number. Analysts' rules see no identifiers as written (`tx.device_id` is `""`): doors
+    /// call [`Engine::score_named`].
     pub fn score_traced(&self, tx: &Transaction) -> Result<Traced, Conflict> {
+        self.score_named(tx, &TxNames::default())
+    }
+
+    /// [`Engine::score_traced`], with the identifiers as the client wrote them, for the
+    /// analysts' rules.
+    pub fn score_named(&self, tx: &Transaction, names: &TxNames<'_>) -> Result<Traced, Conflict> {
         let mut detail = None;
         let (scored, replayed) = self.txs.score_once(tx.key, tx.fingerprint(), || {
             // Loaded under the sequencer, which a model swap also holds: the anomaly model
@@ -182,6 +201,29 @@ impl Engine {
                 &prediction,
                 model.meta.anomaly_weight,
             );
+            let policy_decision = decision;
+            let verdict = self
+                .rules
+                .evaluate(&rule_input(tx, names, &features, &prediction));
+            if !verdict.hits.is_empty() {
+                let (ruled, deciding) = rules::combine(decision, &verdict.hits, None);
+                decision = ruled;
+                let enforced = verdict
+                    .hits
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, h)| h.mode == Mode::Enforce && Some(*i) != deciding);
+                let mut first: Vec<Reason> = deciding
+                    .map(|i| &verdict.hits[i])
+                    .into_iter()
+                    .chain(enforced.map(|(_, h)| h))
+                    .map(rules::reason)
+                    .collect();
+                if !first.is_empty() {
+                    first.append(&mut reasons);
+                    reasons = first;
+                }
+            }
             if let Some(settings) = &policy.breaker {
                 let denied = decision == Decision::Deny;
                 if let Verdict::Downgrade(share) =
@@ -196,6 +238,8 @@ impl Engine {
                 seq,
                 features,
                 prediction,
+                rules: verdict,
+                policy_decision,
             });
             let scored = Scored {
                 decision,
@@ -484,13 +528,46 @@ impl Engine {
     }
 }
 
+/// What the analysts' rules see of a payment being scored.
+fn rule_input<'a>(
+    tx: &'a Transaction,
+    names: &TxNames<'a>,
+    features: &'a FeatureVector,
+    prediction: &Prediction,
+) -> Input<'a> {
+    Input {
+        transaction_id: &tx.id,
+        account_id: names.account_id,
+        merchant_id: names.merchant_id,
+        amount: tx.amount,
+        amount_minor: tx.amount_minor,
+        currency: std::str::from_utf8(&tx.currency).unwrap_or(""),
+        country: tx
+            .country
+            .as_ref()
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .unwrap_or(""),
+        channel: tx.channel.name(),
+        merchant_category_code: names.merchant_category_code,
+        device_id: names.device_id,
+        ip_address: names.ip_address,
+        event_time: tx.event_time,
+        features,
+        score: prediction.score,
+        anomaly_score: prediction.anomaly,
+        classifier_score: prediction.classifier,
+    }
+}
+
 /// First reason of a denial the breaker downgraded; `value` is the window's share of denials.
 fn breaker_reason(share: f64) -> Reason {
     Reason {
         code: "DECLINE_BREAKER",
-        feature: "deny_share",
+        feature: std::borrow::Cow::Borrowed("deny_share"),
         value: share,
         contribution: 0.0,
-        text: "denials are above the policy's ceiling for the window: downgraded to review",
+        text: std::borrow::Cow::Borrowed(
+            "denials are above the policy's ceiling for the window: downgraded to review",
+        ),
     }
 }

@@ -32,6 +32,8 @@ pub mod node;
 pub mod policy;
 pub mod registry;
 pub mod retrain;
+pub mod rules;
+pub mod rules_admin;
 pub mod serve;
 pub mod sim;
 pub mod snapshot;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use crate::alerts::Alerts;
-use crate::domain::{Feedback, Transaction};
+use crate::domain::{Feedback, Transaction, TxNames};
 use crate::engine::{Engine, FeedbackApplied, Traced};
 use crate::journal::{
     DecisionEntry, Durability, Entry, FeedbackEntry, Journal, JournalFull, Permit,
@@ -126,9 +126,16 @@ impl Node {
         commit: bool,
     ) -> Result<Pending, NodeError> {
         let permit = self.reserve()?;
+        let names = TxNames {
+            account_id: &raw.account_id,
+            merchant_id: &raw.merchant_id,
+            device_id: &raw.device_id,
+            ip_address: &raw.ip_address,
+            merchant_category_code: &raw.merchant_category_code,
+        };
         let traced = self
             .engine
-            .score_traced(tx)
+            .score_named(tx, &names)
             .map_err(|Conflict| NodeError::Conflict)?;
         if traced.detail.is_some() {
             let scored = &traced.outcome.scored;
@@ -149,6 +156,8 @@ impl Node {
                 features: detail.features,
                 scored: Arc::clone(&pending.traced.outcome.scored),
                 scored_at_ms: crate::journal::now_ms(),
+                rules: detail.rules.clone(),
+                policy_decision: detail.policy_decision,
             }));
             pending.commit = permit.write(entry, commit || self.durability == Durability::Sync);
         }

@@ -3,6 +3,7 @@
 //! A policy is built once (ids hashed, currencies parsed) and shared read-only; swapping in a
 //! new one is an atomic pointer swap in the engine.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -239,10 +240,10 @@ impl Policy {
                 decision = decision.max(action);
                 reasons.push(Reason {
                     code,
-                    feature,
+                    feature: Cow::Borrowed(feature),
                     value,
                     contribution: 0.0,
-                    text,
+                    text: Cow::Borrowed(text),
                 });
             }
         };
@@ -304,10 +305,10 @@ impl Policy {
                 anomaly_used = true;
                 reasons.push(Reason {
                     code: "ANOMALY",
-                    feature: "anomaly_score",
+                    feature: Cow::Borrowed("anomaly_score"),
                     value: prediction.anomaly,
                     contribution: anomaly_contribution,
-                    text: "unusual compared with recent traffic",
+                    text: Cow::Borrowed("unusual compared with recent traffic"),
                 });
                 continue;
             }
@@ -318,10 +319,10 @@ impl Policy {
             let spec = &FEATURES[i];
             reasons.push(Reason {
                 code: spec.code,
-                feature: spec.name,
+                feature: Cow::Borrowed(spec.name),
                 value: features[i],
                 contribution: prediction.contributions[i],
-                text: spec.text,
+                text: Cow::Borrowed(spec.text),
             });
         }
     }

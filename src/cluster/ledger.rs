@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::Shared;
 use crate::domain::{Decision, Feedback, Label, Reason, Scored, Transaction};
 use crate::engine::Engine;
-use crate::journal::recover::intern;
+use crate::journal::recover::{intern, reason_text};
 use crate::proto::{self, ledger_entry};
 use crate::state::partitioned::PARTITIONS;
 use crate::state::txstore::fraud_delta;
@@ -232,10 +232,10 @@ fn scored_of(r: &proto::ScoreResponse) -> anyhow::Result<Scored> {
             .iter()
             .map(|x| Reason {
                 code: intern(&x.code),
-                feature: intern(&x.feature),
+                feature: reason_text(&x.code, &x.feature),
                 value: x.value,
                 contribution: x.contribution,
-                text: intern(&x.text),
+                text: reason_text(&x.code, &x.text),
             })
             .collect(),
         model_version: Arc::from(r.model_version.as_str()),

@@ -13,6 +13,7 @@
 //! The schema is in `schema.sql` and the README.
 
 pub mod recover;
+pub mod rule_test;
 mod writer;
 
 pub use writer::now_ms;
@@ -54,6 +55,10 @@ pub struct DecisionEntry {
     pub scored: Arc<Scored>,
     /// Wall-clock time of the decision, milliseconds since the epoch.
     pub scored_at_ms: i64,
+    /// The rule-set version and the analysts' rules that hit.
+    pub rules: crate::rules::Ruling,
+    /// The decision before analysts' rules (model thresholds and the TOML policy).
+    pub policy_decision: crate::domain::Decision,
 }
 
 /// One accepted `ReportFeedback`, as the journal keeps it.

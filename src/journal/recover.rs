@@ -226,6 +226,16 @@ pub(crate) fn intern(s: &str) -> &'static str {
     leaked
 }
 
+/// A reason's feature or text read back: interned when the code produced it (a fixed set),
+/// owned when an analyst's rule did (ids and descriptions change at run time).
+pub(crate) fn reason_text(code: &str, s: &str) -> std::borrow::Cow<'static, str> {
+    if code == "RULE" {
+        std::borrow::Cow::Owned(s.to_owned())
+    } else {
+        std::borrow::Cow::Borrowed(intern(s))
+    }
+}
+
 fn reasons_of(json: &str) -> anyhow::Result<Box<[Reason]>> {
     let list: Vec<serde_json::Value> = serde_json::from_str(json)?;
     list.iter()
@@ -241,12 +251,13 @@ fn reasons_of(json: &str) -> anyhow::Result<Box<[Reason]>> {
                     .and_then(|v| v.as_f64())
                     .with_context(|| format!("reason without {k}"))
             };
+            let code = text("code")?;
             Ok(Reason {
-                code: text("code")?,
-                feature: text("feature")?,
+                code,
+                feature: reason_text(code, text("feature")?),
                 value: num("value")?,
                 contribution: num("contribution")?,
-                text: text("text")?,
+                text: reason_text(code, text("text")?),
             })
         })
         .collect()

@@ -25,7 +25,12 @@ CREATE TABLE IF NOT EXISTS decisions (
     features         TEXT    NOT NULL, -- JSON array of the feature values as scored, in the
                                        -- server's feature order (view decision_features names them)
     model_version    TEXT    NOT NULL,
-    scored_at_ms     INTEGER NOT NULL
+    scored_at_ms     INTEGER NOT NULL,
+    rules_version    INTEGER NOT NULL DEFAULT 0,  -- the rule-set version it was decided under
+    policy_decision  TEXT    NOT NULL DEFAULT '', -- the model's and the TOML policy's answer,
+                                                  -- before analysts' rules ('' = decision)
+    rule_hits        TEXT    NOT NULL DEFAULT ''  -- analysts' rules that hit, space-separated
+                                                  -- id@version:ACTION:MODE
 );
 CREATE INDEX IF NOT EXISTS decisions_transaction ON decisions (transaction_id);
 CREATE INDEX IF NOT EXISTS decisions_scored_at ON decisions (scored_at_ms);

@@ -47,9 +47,33 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
         .context("setting the busy timeout")?;
     conn.execute_batch(SCHEMA)
         .with_context(|| format!("creating the journal schema in {}", path.display()))?;
+    add_missing_columns(&conn)
+        .with_context(|| format!("adding columns to the journal in {}", path.display()))?;
     conn.execute_batch(&features_view())
         .context("creating the decision_features view")?;
     Ok(conn)
+}
+
+/// Columns added since schema version 1, added to a journal written before them (their
+/// defaults describe a decision made without analysts' rules).
+const ADDED_COLUMNS: [(&str, &str); 3] = [
+    ("rules_version", "INTEGER NOT NULL DEFAULT 0"),
+    ("policy_decision", "TEXT NOT NULL DEFAULT ''"),
+    ("rule_hits", "TEXT NOT NULL DEFAULT ''"),
+];
+
+fn add_missing_columns(conn: &Connection) -> anyhow::Result<()> {
+    let mut columns = conn.prepare("SELECT name FROM pragma_table_info('decisions')")?;
+    let have: Vec<String> = columns
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (name, decl) in ADDED_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            conn.execute_batch(&format!("ALTER TABLE decisions ADD COLUMN {name} {decl}"))
+                .with_context(|| format!("adding decisions.{name}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// `decision_features`: one named column per feature, read out of the `features` array, so
@@ -155,12 +179,12 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> anyhow::Result<()> {
 
 /// A reason as the journal stores it.
 #[derive(serde::Serialize)]
-struct ReasonJson {
+struct ReasonJson<'a> {
     code: &'static str,
-    feature: &'static str,
+    feature: &'a str,
     value: f64,
     contribution: f64,
-    text: &'static str,
+    text: &'a str,
 }
 
 pub fn now_ms() -> i64 {
@@ -186,10 +210,10 @@ fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
         .iter()
         .map(|r| ReasonJson {
             code: r.code,
-            feature: r.feature,
+            feature: &r.feature,
             value: r.value,
             contribution: r.contribution,
-            text: r.text,
+            text: &r.text,
         })
         .collect();
     let reasons = serde_json::to_string(&reasons).context("encoding reasons")?;
@@ -200,8 +224,9 @@ fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
         "INSERT INTO decisions (seq, transaction_id, account_id, merchant_id, amount_minor, \
          currency, event_time, event_seconds, event_nanos, channel, merchant_category_code, \
          country, device_id, ip_address, decision, score, anomaly_score, classifier_score, \
-         reasons, features, model_version, scored_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
-         ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
+         reasons, features, model_version, scored_at_ms, rules_version, policy_decision, \
+         rule_hits) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+         ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
     )?
     .execute(params![
         d.seq as i64,
@@ -226,6 +251,9 @@ fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
         features,
         &*s.model_version,
         d.scored_at_ms,
+        d.rules.version as i64,
+        d.policy_decision.name(),
+        super::rule_test::write_hits(&d.rules.hits),
     ])
     .with_context(|| format!("journaling decision {}", d.seq))?;
     Ok(())

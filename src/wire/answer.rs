@@ -71,10 +71,10 @@ pub fn to_proto(transaction_id: String, outcome: &ScoreOutcome) -> proto::ScoreR
             .iter()
             .map(|r| proto::Reason {
                 code: r.code.to_owned(),
-                feature: r.feature.to_owned(),
+                feature: r.feature.to_string(),
                 value: r.value,
                 contribution: r.contribution,
-                text: r.text.to_owned(),
+                text: r.text.to_string(),
             })
             .collect(),
         model_version: s.model_version.to_string(),
