@@ -7,6 +7,7 @@
 //! being maintained on the hot path.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -50,6 +51,9 @@ pub struct Metrics {
     ledger_pending: IntGauge,
     alerts: IntCounterVec,
     policy_reloads: IntCounterVec,
+    rule_hits: IntCounterVec,
+    rule_errors: IntCounterVec,
+    rules_version: IntGauge,
     /// Held while scrape-time values are copied in, so two scrapes do not both add the same
     /// increase to a counter.
     scrape: Mutex<()>,
@@ -200,8 +204,31 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let rule_hits = IntCounterVec::new(
+            Opts::new(
+                "rule_hits_total",
+                "Payments an analyst's rule hit, by rule id and mode (ENFORCE, SHADOW), over \
+                 every version of the rule",
+            ),
+            &["rule", "mode"],
+        )?;
+        let rule_errors = IntCounterVec::new(
+            Opts::new(
+                "rule_errors_total",
+                "Payments an analyst's rule failed on (division by zero, overflow): the rule \
+                 was skipped for them, the call succeeded",
+            ),
+            &["rule"],
+        )?;
+        let rules_version = IntGauge::new(
+            "rules_version",
+            "The rule-set version in force (counts every change to rules and lists)",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rule_hits.clone()),
+            Box::new(rule_errors.clone()),
+            Box::new(rules_version.clone()),
             Box::new(policy_reloads.clone()),
             Box::new(stream_messages.clone()),
             Box::new(owned_partitions.clone()),
@@ -254,6 +281,9 @@ impl Metrics {
             ledger_pending,
             alerts,
             policy_reloads,
+            rule_hits,
+            rule_errors,
+            rules_version,
             scrape: Mutex::new(()),
             source: OnceLock::new(),
         })
@@ -353,6 +383,23 @@ impl Metrics {
                 .with_label_values(&[&*node.engine().model().version])
                 .set(1);
             self.model_quality(node.engine());
+            let rules = node.engine().rules();
+            self.rules_version.set(rules.read().version as i64);
+            for (id, stats) in rules.stats() {
+                let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                catch_up(
+                    &self.rule_hits.with_label_values(&[id.as_str(), "ENFORCE"]),
+                    load(&stats.enforced_hits),
+                );
+                catch_up(
+                    &self.rule_hits.with_label_values(&[id.as_str(), "SHADOW"]),
+                    load(&stats.shadow_hits),
+                );
+                catch_up(
+                    &self.rule_errors.with_label_values(&[id.as_str()]),
+                    load(&stats.errors),
+                );
+            }
         }
         let mut out = Vec::new();
         TextEncoder::new()

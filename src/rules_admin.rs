@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::journal::rule_test::{self as backtest, Backtest, Report};
 use crate::rules::lists::{Entry, List, ListKind};
-use crate::rules::store::Store;
+use crate::rules::store::{Recorded, Store};
 use crate::rules::{Action, Change, Mode, Rule, RuleBook};
 
 /// Why a change or a query was refused.
@@ -278,6 +278,19 @@ impl RulesAdmin {
         .await
         .map_err(|e| AdminError::Internal(format!("the backtest stopped: {e}")))?
         .map_err(|e| AdminError::Internal(format!("backtest: {e:#}")))
+    }
+}
+
+impl RulesAdmin {
+    /// The recorded changes, newest first (none without a data directory).
+    pub async fn changes(&self, limit: usize) -> Result<Vec<Recorded>, AdminError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(Vec::new());
+        };
+        tokio::task::spawn_blocking(move || store.changes(limit))
+            .await
+            .map_err(|e| AdminError::Internal(format!("reading the changes: {e}")))?
+            .map_err(|e| AdminError::Internal(format!("reading the changes: {e:#}")))
     }
 }
 

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod gateway;
 pub mod request_log;
+pub mod rules;
 pub mod server;
 pub mod service;
 pub mod tls;

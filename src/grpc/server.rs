@@ -20,6 +20,7 @@ use super::admin::AdminService;
 use super::auth::{Access, Role};
 use super::gateway::Gateway;
 use super::request_log::RequestLog;
+use super::rules::RulesService;
 use super::service::ScorerService;
 use super::tls::TlsFiles;
 use crate::admin::ModelAdmin;
@@ -27,15 +28,20 @@ use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::proto::{
     self, fraud_scorer_server::FraudScorerServer, model_admin_server::ModelAdminServer,
+    rules_admin_server::RulesAdminServer,
 };
+use crate::rules_admin::RulesAdmin;
 
 const SCORER: &str = "fraudgate.v1.FraudScorer";
+/// Largest RulesAdmin request: a list upload of 100,000 entries fits.
+const RULES_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
 /// What the gRPC door is built from. The cells are filled by start-up once the node (and, in
 /// a cluster, the gateway) exist; until then calls are refused as UNAVAILABLE.
 pub struct Door {
     pub node: Arc<OnceLock<Arc<Node>>>,
     pub admin: Arc<OnceLock<Arc<ModelAdmin>>>,
+    pub rules: Arc<OnceLock<Arc<RulesAdmin>>>,
     /// Cluster mode: calls go through the log once NATS is connected.
     pub gateway: Option<Arc<OnceLock<Gateway>>>,
     pub metrics: Arc<Metrics>,
@@ -103,6 +109,17 @@ impl Door {
                 .inspect_err(|_| refusals.unauthenticated())
         });
         let admin_refusals = Arc::clone(&self.metrics);
+        let rules_refusals = Arc::clone(&self.metrics);
+        let rules_access = access.clone();
+        let rules_service = tonic::service::interceptor::InterceptedService::new(
+            RulesAdminServer::new(RulesService::new(self.rules))
+                .max_decoding_message_size(RULES_MESSAGE_BYTES),
+            move |req| {
+                rules_access
+                    .check(Role::Admin, req)
+                    .inspect_err(|_| rules_refusals.unauthenticated())
+            },
+        );
         let admin_service = tonic::service::interceptor::InterceptedService::new(
             ModelAdminServer::new(AdminService::new(self.admin)),
             move |req| {
@@ -132,6 +149,7 @@ impl Door {
                 .add_service(reflection_v1alpha)
                 .add_service(scorer)
                 .add_service(admin_service)
+                .add_service(rules_service)
                 // TCP_NODELAY: without it Nagle's algorithm and delayed ACKs add ~40 ms to
                 // small request/response exchanges.
                 .serve_with_incoming_shutdown(

@@ -17,6 +17,7 @@ use crate::model::Model;
 use crate::node::Node;
 use crate::policy::{Policy, PolicyFile};
 use crate::registry::ModelRegistry;
+use crate::rules::store::Store as RuleStore;
 use crate::snapshot;
 
 /// The data directory, held exclusively by this process while it runs.
@@ -77,20 +78,29 @@ pub fn build_engine(config: &ServeConfig, registry: &ModelRegistry) -> anyhow::R
     Ok(Engine::new(model, policy, config.engine))
 }
 
-/// Loads the model and policy, opens the journal and recovers the state: everything that
-/// must happen before the server says SERVING.
+/// What start-up made: the node, the model registry, the rules' store (with a data
+/// directory).
+pub struct Started {
+    pub node: Node,
+    pub registry: Arc<ModelRegistry>,
+    pub rules: Option<Arc<RuleStore>>,
+}
+
+/// Loads the model and policy, the analysts' rules and lists, opens the journal and recovers
+/// the state: everything that must happen before the server says SERVING.
 pub fn start_node(
     config: &ServeConfig,
     data_dir: Option<&Path>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<(Node, Arc<ModelRegistry>)> {
+) -> anyhow::Result<Started> {
     let registry = Arc::new(ModelRegistry::open(data_dir)?);
     let engine = Arc::new(build_engine(config, &registry)?);
     let Some(dir) = data_dir else {
-        return Ok((
-            Node::new(engine, None, config.durability, metrics),
+        return Ok(Started {
+            node: Node::new(engine, None, config.durability, metrics),
             registry,
-        ));
+            rules: None,
+        });
     };
     let journal_path = dir.join(JOURNAL_FILE);
     let journal = Journal::open(JournalConfig {
@@ -98,6 +108,18 @@ pub fn start_node(
         retention: config.journal_retention,
         queue: config.journal_queue,
     })?;
+    let rules = Arc::new(RuleStore::open(&journal_path)?);
+    let loaded = rules
+        .load(engine.rules())
+        .context("loading the analysts' rules and lists")?;
+    info!(
+        rules_version = loaded.version,
+        rules = loaded.rules,
+        lists = loaded.lists,
+        entries = loaded.entries,
+        refused = loaded.refused,
+        "rules and lists loaded"
+    );
     let report = recover::recover(
         &engine,
         dir,
@@ -125,10 +147,11 @@ pub fn start_node(
             "replayed decisions whose features differ from the journal's"
         );
     }
-    Ok((
-        Node::new(engine, Some(journal), config.durability, metrics),
+    Ok(Started {
+        node: Node::new(engine, Some(journal), config.durability, metrics),
         registry,
-    ))
+        rules: Some(rules),
+    })
 }
 
 /// Copies the engine (under its sequencer), waits for the journal to commit what came

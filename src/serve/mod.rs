@@ -42,6 +42,7 @@ use crate::journal::JOURNAL_FILE;
 use crate::metrics::{self, Metrics};
 use crate::nats::{Nats, NatsConfig};
 use crate::node::Node;
+use crate::rules_admin::RulesAdmin;
 use crate::wire::parse;
 use lifecycle::{
     evict_periodically, retrain_periodically, snapshot_periodically, start_node, write_snapshot,
@@ -104,6 +105,7 @@ pub async fn run(
 
     let node_cell: Arc<OnceLock<Arc<Node>>> = Arc::new(OnceLock::new());
     let admin_cell: Arc<OnceLock<Arc<ModelAdmin>>> = Arc::new(OnceLock::new());
+    let rules_cell: Arc<OnceLock<Arc<RulesAdmin>>> = Arc::new(OnceLock::new());
     // Cluster mode: the gRPC door goes through the log once NATS is connected.
     let gateway_cell = config.cluster.as_ref().map(|_| Arc::new(OnceLock::new()));
     if let (Some(cell), Some(connected)) = (&gateway_cell, &nats) {
@@ -120,6 +122,7 @@ pub async fn run(
     let mut grpc = Door {
         node: Arc::clone(&node_cell),
         admin: Arc::clone(&admin_cell),
+        rules: Arc::clone(&rules_cell),
         gateway: gateway_cell,
         metrics: Arc::clone(&metrics),
         access: Access {
@@ -145,13 +148,14 @@ pub async fn run(
     .await
     .map_err(|e| anyhow::anyhow!("the start-up task panicked: {e}"))
     .and_then(|r| r);
-    let (node, registry) = match started {
-        Ok((node, registry)) => (
+    let (node, registry, rule_store) = match started {
+        Ok(started) => (
             Arc::new(match alerts {
-                Some(alerts) => node.with_alerts(alerts),
-                None => node,
+                Some(alerts) => started.node.with_alerts(alerts),
+                None => started.node,
             }),
-            registry,
+            started.registry,
+            started.rules,
         ),
         Err(e) => {
             grpc.abandon();
@@ -167,6 +171,11 @@ pub async fn run(
         config.promotion_margin,
     ));
     let _ = admin_cell.set(Arc::clone(&admin));
+    let _ = rules_cell.set(Arc::new(RulesAdmin::new(
+        Arc::clone(node.engine().rules()),
+        rule_store,
+        data.as_ref().map(|d| d.path.join(JOURNAL_FILE)),
+    )));
     metrics.set_source(Arc::clone(&node) as Arc<dyn metrics::GaugeSource>);
     grpc.set_health(ServingStatus::Serving).await;
     info!(%addr, "serving");
@@ -239,6 +248,7 @@ pub async fn run(
         drop(node_cell);
         drop(admin);
         drop(admin_cell);
+        drop(rules_cell);
         let node = Arc::into_inner(node);
         if let Some(journal) = node.and_then(|n| n.into_journal()) {
             tokio::task::spawn_blocking(move || journal.close())
