@@ -150,12 +150,19 @@ fn readme_commands() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grpcurl_command_in_the_readme_works() {
-    let server = TestServer::start().await;
+    // With a data directory: TestRule reads the journal.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(fraudgate::serve::ServeConfig {
+        data_dir: Some(dir.path().to_owned()),
+        ..common::config()
+    })
+    .await;
     let commands = readme_commands();
     assert!(
         commands.len() >= 4,
         "the README shows list, Score, ReportFeedback and health: {commands:?}"
     );
+    let mut outputs = Vec::new();
     for cmd in commands {
         let cmd = cmd.replace("localhost:50051", &server.addr.to_string());
         let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
@@ -165,5 +172,17 @@ async fn every_grpcurl_command_in_the_readme_works() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        outputs.push((cmd, String::from_utf8_lossy(&out.stdout).into_owned()));
     }
+    // The rules example does what the README says it does.
+    let scored = outputs
+        .iter()
+        .find(|(cmd, _)| cmd.contains("tx-3001"))
+        .map(|(_, out)| serde_json::from_str::<serde_json::Value>(out).unwrap())
+        .expect("the README scores tx-3001");
+    assert_eq!(scored["decision"], "DECISION_DENY", "{scored}");
+    assert_eq!(
+        scored["reasons"][0]["feature"], "blocked-device",
+        "{scored}"
+    );
 }
