@@ -241,7 +241,8 @@ impl RulesAdmin {
         })
     }
 
-    /// Backtests a candidate on the journal, off the async workers; one at a time.
+    /// Backtests a candidate on the journal, off the async workers, at the lowest CPU
+    /// priority; one at a time.
     pub async fn test_rule(&self, test: Backtest) -> Result<Report, AdminError> {
         let Some(journal) = self.journal.clone() else {
             return Err(AdminError::Unavailable(
@@ -272,12 +273,26 @@ impl RulesAdmin {
             .await
             .map_err(|_| AdminError::Unavailable("shutting down".into()))?;
         let book = Arc::clone(&self.book);
-        tokio::task::spawn_blocking(move || {
-            backtest::run(&journal, &book, &test, &compiled, current.as_ref())
-        })
-        .await
-        .map_err(|e| AdminError::Internal(format!("the backtest stopped: {e}")))?
-        .map_err(|e| AdminError::Internal(format!("backtest: {e:#}")))
+        // A thread of its own at the lowest priority (as retraining): scoring always runs
+        // first, and no pooled thread is left at idle priority afterwards.
+        let (done, result) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("fraudgate-rule-test".into())
+            .spawn(move || {
+                crate::retrain::lower_priority();
+                let _ = done.send(backtest::run(
+                    &journal,
+                    &book,
+                    &test,
+                    &compiled,
+                    current.as_ref(),
+                ));
+            })
+            .map_err(|e| AdminError::Internal(format!("starting the backtest thread: {e}")))?;
+        result
+            .await
+            .map_err(|_| AdminError::Internal("the backtest thread stopped".into()))?
+            .map_err(|e| AdminError::Internal(format!("backtest: {e:#}")))
     }
 }
 
