@@ -189,56 +189,67 @@ fn interpreter(c: &mut Criterion, features: &[f64; N_FEATURES]) {
         .iter()
         .map(|(e, _)| env.compile(e).expect("cel compiles"))
         .collect();
-    let index: HashMap<&'static str, usize> =
-        FEATURES.iter().enumerate().map(|(i, f)| (f.name, i)).collect();
-    let lists: Arc<HashSet<String>> = Arc::new((0..1_000_000).map(|i| format!("dev-{i}")).collect());
-    c.bench_function("rules: the same 20 through the cel crate's interpreter", |b| {
-        b.iter(|| {
-            let vars = Vars {
-                strings: [
-                    ("tx.country", "FR"),
-                    ("tx.channel", "CHANNEL_ECOMMERCE"),
-                    ("tx.merchant_category_code", "5411"),
-                    ("tx.device_id", "dev-fresh-1"),
-                    ("tx.ip_address", "192.0.2.77"),
-                    ("tx.account_id", "acct-123456"),
-                    ("tx.merchant_id", "merch-7"),
-                    ("tx.currency", "EUR"),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k, CelString::from(v)))
-                .collect(),
-                doubles: [
-                    ("tx.amount", 129.99),
-                    ("score", 0.12),
-                    ("anomaly_score", 0.2),
-                    ("classifier_score", 0.1),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k, CelDouble::from(v)))
-                .collect(),
-                ints: [("tx.amount_minor", 12_999), ("tx.hour", 10), ("tx.weekday", 5)]
+    let index: HashMap<&'static str, usize> = FEATURES
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name, i))
+        .collect();
+    let lists: Arc<HashSet<String>> =
+        Arc::new((0..1_000_000).map(|i| format!("dev-{i}")).collect());
+    c.bench_function(
+        "rules: the same 20 through the cel crate's interpreter",
+        |b| {
+            b.iter(|| {
+                let vars = Vars {
+                    strings: [
+                        ("tx.country", "FR"),
+                        ("tx.channel", "CHANNEL_ECOMMERCE"),
+                        ("tx.merchant_category_code", "5411"),
+                        ("tx.device_id", "dev-fresh-1"),
+                        ("tx.ip_address", "192.0.2.77"),
+                        ("tx.account_id", "acct-123456"),
+                        ("tx.merchant_id", "merch-7"),
+                        ("tx.currency", "EUR"),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k, CelString::from(v)))
+                    .collect(),
+                    doubles: [
+                        ("tx.amount", 129.99),
+                        ("score", 0.12),
+                        ("anomaly_score", 0.2),
+                        ("classifier_score", 0.1),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k, CelDouble::from(v)))
+                    .collect(),
+                    ints: [
+                        ("tx.amount_minor", 12_999),
+                        ("tx.hour", 10),
+                        ("tx.weekday", 5),
+                    ]
                     .into_iter()
                     .map(|(k, v)| (k, CelInt::from(v)))
                     .collect(),
-                features: features.iter().map(|&f| CelDouble::from(f)).collect(),
-                index: &index,
-            };
-            let mut ctx = Context::with_env(Arc::clone(&env));
-            let l = Arc::clone(&lists);
-            let _ = ctx.add_function("in_list", move |_list: Arc<String>, v: Arc<String>| {
-                l.contains(v.as_str())
-            });
-            ctx.set_variable_resolver(&vars);
-            let mut hits = 0;
-            for p in &programs {
-                if let Ok(Value::Bool(true)) = p.execute(&ctx) {
-                    hits += 1;
+                    features: features.iter().map(|&f| CelDouble::from(f)).collect(),
+                    index: &index,
+                };
+                let mut ctx = Context::with_env(Arc::clone(&env));
+                let l = Arc::clone(&lists);
+                let _ = ctx.add_function("in_list", move |_list: Arc<String>, v: Arc<String>| {
+                    l.contains(v.as_str())
+                });
+                ctx.set_variable_resolver(&vars);
+                let mut hits = 0;
+                for p in &programs {
+                    if let Ok(Value::Bool(true)) = p.execute(&ctx) {
+                        hits += 1;
+                    }
                 }
-            }
-            black_box(hits)
-        })
-    });
+                black_box(hits)
+            })
+        },
+    );
 }
 
 criterion_group!(benches, bench);
