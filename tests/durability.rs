@@ -392,6 +392,25 @@ async fn readme_sqlite3_commands_work_on_a_live_journal() {
             client.report_feedback(fraud(&id)).await.unwrap();
         }
     }
+    // A change to the analysts' lists, for the rule_changes query.
+    let mut rules = fraudgate::proto::rules_admin_client::RulesAdminClient::new(
+        tonic::transport::Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    rules
+        .put_list_entries(proto::PutListEntriesRequest {
+            list: "blocked_devices".into(),
+            entries: vec![proto::ListEntry {
+                value: "dev-1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     // Feedback is committed before it is acknowledged; decisions (async) within moments.
     tokio::time::sleep(Duration::from_millis(300)).await;
     for cmd in commands {
