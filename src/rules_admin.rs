@@ -1,18 +1,25 @@
 //! Changing the rule book at run time: check, store, apply, in that order, one change at a
 //! time. The gRPC `RulesAdmin` door calls this; so could any other.
 //!
-//! Shared as `Arc<RulesAdmin>`. A change is checked against the book (nothing changes when
-//! it is refused), recorded in the store (committed before anything is acknowledged), then
-//! applied under the book's write lock with the version the store gave it. Changes queue on
-//! an async mutex so versions, the store and the book agree; scoring never waits on it.
+//! Shared as `Arc<RulesAdmin>`. A change ([`ChangeRecord`]) is checked against the book
+//! (nothing changes when it is refused), recorded in the store (committed before anything is
+//! acknowledged), then applied under the book's write lock with the version the store gave
+//! it. Changes queue on an async mutex so versions, the store and the book agree; scoring
+//! never waits on it. In a cluster the record goes to the cluster's rules stream instead
+//! ([`ChangeLog`]), whose position is the version, and comes back to every node's book
+//! through its follower, this one's included; the call answers once this node has it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use crate::journal::rule_test::{self as backtest, Backtest, Report};
 use crate::rules::lists::{Entry, List, ListKind};
+use crate::rules::record::{ChangeRecord, EntryRecord, Refusal, Requested};
 use crate::rules::store::{Recorded, Store};
-use crate::rules::{Action, Change, Mode, Rule, RuleBook};
+use crate::rules::{Action, Mode, Rule, RuleBook};
 
 /// Why a change or a query was refused.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +62,16 @@ pub struct ListPage {
     pub entries: Vec<(String, Entry)>,
 }
 
+/// Where a cluster's rule changes go: an ordered, durable log every node follows (the
+/// cluster's rules stream). Appending returns the record's position, which is the rule-set
+/// version it makes on every node.
+pub trait ChangeLog: Send + Sync + std::fmt::Debug {
+    fn append(&self, record: Vec<u8>) -> BoxFuture<'_, anyhow::Result<u64>>;
+}
+
+/// How long a cluster node waits for its own change to come back from the log.
+const APPLIED_WITHIN: Duration = Duration::from_secs(10);
+
 /// See the module doc.
 #[derive(Debug)]
 pub struct RulesAdmin {
@@ -62,6 +79,10 @@ pub struct RulesAdmin {
     store: Option<Arc<Store>>,
     /// The journal a backtest reads (none for an ephemeral server).
     journal: Option<PathBuf>,
+    /// Cluster mode: changes go through the log (set once NATS is connected) and come back
+    /// to every node's book through its follower.
+    clustered: bool,
+    log: OnceLock<Arc<dyn ChangeLog>>,
     changes: tokio::sync::Mutex<()>,
     /// One backtest at a time: it takes a core for seconds.
     backtests: tokio::sync::Semaphore,
@@ -73,84 +94,145 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+fn refused(r: Refusal) -> AdminError {
+    match r {
+        Refusal::Invalid(m) => AdminError::Invalid(m),
+        Refusal::NotFound(m) => AdminError::NotFound(m),
+    }
+}
+
 impl RulesAdmin {
     pub fn new(book: Arc<RuleBook>, store: Option<Arc<Store>>, journal: Option<PathBuf>) -> Self {
         RulesAdmin {
             book,
             store,
             journal,
+            clustered: false,
+            log: OnceLock::new(),
             changes: tokio::sync::Mutex::new(()),
             backtests: tokio::sync::Semaphore::new(1),
         }
+    }
+
+    /// A cluster node's: changes through the cluster's log once [`RulesAdmin::set_log`].
+    pub fn clustered(book: Arc<RuleBook>) -> Self {
+        RulesAdmin {
+            clustered: true,
+            ..RulesAdmin::new(book, None, None)
+        }
+    }
+
+    /// Cluster mode: the log changes go to from now on.
+    pub fn set_log(&self, log: Arc<dyn ChangeLog>) {
+        let _ = self.log.set(log);
     }
 
     pub fn book(&self) -> &Arc<RuleBook> {
         &self.book
     }
 
-    /// Records one checked change in the store (when there is one); returns the rule-set
-    /// version it makes and the change, to apply.
-    async fn commit(
-        &self,
-        change: Change,
-        previous: Option<Rule>,
-        by: &str,
-    ) -> Result<(u64, Change), AdminError> {
-        let Some(store) = &self.store else {
-            return Ok((self.book.read().version + 1, change));
+    /// Checks, records and applies one change; returns the rule-set version it made.
+    async fn change(&self, record: ChangeRecord) -> Result<u64, AdminError> {
+        let _one = self.changes.lock().await;
+        let change = record.check(&self.book).map_err(refused)?;
+        let previous = match &record.change {
+            Requested::PutRule { id, .. } | Requested::DeleteRule { id } => {
+                self.book.read().rule(id).cloned()
+            }
+            _ => None,
         };
-        let store = Arc::clone(store);
-        let by = by.to_owned();
-        let (result, change) = tokio::task::spawn_blocking(move || {
-            let r = store.record(&change, previous.as_ref(), &by, now_ms());
-            (r, change)
-        })
-        .await
-        .map_err(|e| AdminError::Internal(format!("storing the change: {e}")))?;
-        let version =
-            result.map_err(|e| AdminError::Internal(format!("storing the change: {e:#}")))?;
-        Ok((version, change))
+        if self.clustered {
+            return self.through_log(&record).await;
+        }
+        let version = match &self.store {
+            Some(store) => {
+                let store = Arc::clone(store);
+                let (by, at) = (record.by.clone(), record.at_ms);
+                let (result, change) = tokio::task::spawn_blocking(move || {
+                    (store.record(&change, previous.as_ref(), &by, at), change)
+                })
+                .await
+                .map_err(|e| AdminError::Internal(format!("storing the change: {e}")))?;
+                let version = result
+                    .map_err(|e| AdminError::Internal(format!("storing the change: {e:#}")))?;
+                self.book.apply(version, change);
+                version
+            }
+            None => {
+                let version = self.book.read().version + 1;
+                self.book.remember(version, &record, previous.as_ref());
+                self.book.apply(version, change);
+                version
+            }
+        };
+        let (kind, target) = record.summary();
+        tracing::info!(kind, target, rule_set = version, by = %record.by, "rules changed");
+        Ok(version)
+    }
+
+    /// Cluster mode: appends the record to the log and waits until this node's follower has
+    /// applied it (or refused it, as every node then does).
+    async fn through_log(&self, record: &ChangeRecord) -> Result<u64, AdminError> {
+        let log = self.log.get().ok_or_else(|| {
+            AdminError::Unavailable(
+                "rules change through the cluster's rules stream: this node is not connected \
+                 to NATS yet"
+                    .into(),
+            )
+        })?;
+        let mut applied = self.book.applied();
+        let payload = record
+            .to_json()
+            .map_err(|e| AdminError::Internal(format!("encoding the change: {e:#}")))?;
+        let version = log.append(payload).await.map_err(|e| {
+            AdminError::Unavailable(format!("appending to the rules stream: {e:#}"))
+        })?;
+        let arrived = tokio::time::timeout(APPLIED_WITHIN, applied.wait_for(|v| *v >= version));
+        if !matches!(arrived.await, Ok(Ok(_))) {
+            return Err(AdminError::Unavailable(format!(
+                "the change is rule-set version {version} in the rules stream but this node \
+                 has not applied it within {APPLIED_WITHIN:?}; ListRules shows when it has"
+            )));
+        }
+        if let Some(why) = self.book.refusal(version) {
+            return Err(AdminError::Invalid(why));
+        }
+        let (kind, target) = record.summary();
+        tracing::info!(kind, target, rule_set = version, by = %record.by, "rules changed through the cluster");
+        Ok(version)
     }
 
     /// Creates a rule, or stores a new version of the rule with its id.
     pub async fn put_rule(&self, spec: RuleSpec, by: &str) -> Result<(u64, Rule), AdminError> {
-        let _one = self.changes.lock().await;
-        let rule = Rule {
-            id: spec.id,
-            description: spec.description,
-            expression: spec.expression,
-            action: spec.action,
-            mode: spec.mode,
-            enabled: spec.enabled,
-            version: 0,
-            updated_at_ms: now_ms(),
-            updated_by: by.to_owned(),
-        };
-        let previous = self.book.read().rule(&rule.id).cloned();
-        let (rule, compiled) = self.book.check_rule(rule).map_err(AdminError::Invalid)?;
-        let stored = rule.clone();
-        let (version, change) = self
-            .commit(Change::PutRule(rule, compiled), previous, by)
+        let id = spec.id.clone();
+        let version = self
+            .change(ChangeRecord {
+                at_ms: now_ms(),
+                by: by.to_owned(),
+                change: Requested::PutRule {
+                    id: spec.id,
+                    description: spec.description,
+                    expression: spec.expression,
+                    action: spec.action.name().into(),
+                    mode: spec.mode.name().into(),
+                    enabled: spec.enabled,
+                },
+            })
             .await?;
-        self.book.apply(version, change);
-        tracing::info!(rule = %stored.id, version = stored.version, rule_set = version,
-            action = stored.action.name(), mode = stored.mode.name(), enabled = stored.enabled,
-            by, "rule stored");
+        let stored = self.book.read().rule(&id).cloned().ok_or_else(|| {
+            AdminError::Internal(format!("rule {id} was deleted by a later change"))
+        })?;
         Ok((version, stored))
     }
 
     /// Deletes a rule; its counters and its history stay.
     pub async fn delete_rule(&self, id: &str, by: &str) -> Result<u64, AdminError> {
-        let _one = self.changes.lock().await;
-        let previous = self.book.read().rule(id).cloned();
-        let change = self
-            .book
-            .check_delete_rule(id)
-            .map_err(AdminError::NotFound)?;
-        let (version, change) = self.commit(change, previous, by).await?;
-        self.book.apply(version, change);
-        tracing::info!(rule = %id, rule_set = version, by, "rule deleted");
-        Ok(version)
+        self.change(ChangeRecord {
+            at_ms: now_ms(),
+            by: by.to_owned(),
+            change: Requested::DeleteRule { id: id.to_owned() },
+        })
+        .await
     }
 
     /// Adds entries to a list (creating it, of `kind`, if it is new), replacing the expiry
@@ -162,24 +244,25 @@ impl RulesAdmin {
         entries: Vec<(String, Entry)>,
         by: &str,
     ) -> Result<(u64, usize), AdminError> {
-        let _one = self.changes.lock().await;
-        let change = self
-            .book
-            .read()
-            .lists
-            .check_put(list, kind, entries)
-            .map_err(AdminError::Invalid)?;
-        let (version, change) = self.commit(Change::Lists(change), None, by).await?;
-        self.book.apply(version, change);
-        let size = self.book.read().lists.get(list).map_or(0, List::len);
-        tracing::info!(
-            list,
-            entries = size,
-            rule_set = version,
-            by,
-            "list entries stored"
-        );
-        Ok((version, size))
+        let version = self
+            .change(ChangeRecord {
+                at_ms: now_ms(),
+                by: by.to_owned(),
+                change: Requested::PutListEntries {
+                    list: list.to_owned(),
+                    kind: kind.map(|k| k.name().to_owned()),
+                    entries: entries
+                        .into_iter()
+                        .map(|(value, e)| EntryRecord {
+                            value,
+                            expires_at: e.expires_at,
+                            comment: e.comment,
+                        })
+                        .collect(),
+                },
+            })
+            .await?;
+        Ok((version, self.size(list)))
     }
 
     /// Removes values from a list (values not in it are ignored). All or nothing.
@@ -189,24 +272,21 @@ impl RulesAdmin {
         values: &[String],
         by: &str,
     ) -> Result<(u64, usize), AdminError> {
-        let _one = self.changes.lock().await;
-        let change = self
-            .book
-            .read()
-            .lists
-            .check_delete(list, values)
-            .map_err(AdminError::NotFound)?;
-        let (version, change) = self.commit(Change::Lists(change), None, by).await?;
-        self.book.apply(version, change);
-        let size = self.book.read().lists.get(list).map_or(0, List::len);
-        tracing::info!(
-            list,
-            entries = size,
-            rule_set = version,
-            by,
-            "list entries deleted"
-        );
-        Ok((version, size))
+        let version = self
+            .change(ChangeRecord {
+                at_ms: now_ms(),
+                by: by.to_owned(),
+                change: Requested::DeleteListEntries {
+                    list: list.to_owned(),
+                    values: values.to_vec(),
+                },
+            })
+            .await?;
+        Ok((version, self.size(list)))
+    }
+
+    fn size(&self, list: &str) -> usize {
+        self.book.read().lists.get(list).map_or(0, List::len)
     }
 
     /// Every rule and the rule-set version.
@@ -297,10 +377,11 @@ impl RulesAdmin {
 }
 
 impl RulesAdmin {
-    /// The recorded changes, newest first (none without a data directory).
+    /// The recorded changes, newest first (kept in memory, the last 10,000, without a data
+    /// directory).
     pub async fn changes(&self, limit: usize) -> Result<Vec<Recorded>, AdminError> {
         let Some(store) = self.store.clone() else {
-            return Ok(Vec::new());
+            return Ok(self.book.history(limit));
         };
         tokio::task::spawn_blocking(move || store.changes(limit))
             .await

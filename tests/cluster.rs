@@ -737,3 +737,142 @@ fn close(a: &[(String, f64)], b: &[(String, f64)]) -> bool {
             .zip(b)
             .all(|((n, x), (m, y))| n == m && (x - y).abs() <= 1e-5 * y.abs().max(1.0))
 }
+
+/// The analysts' rules of a cluster: changed through one node, in force on every node (for
+/// accounts on either's partitions), refused alike, and back after a node restarts (cluster
+/// nodes keep no files: the rules stream is the record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_changed_through_one_node_hold_on_every_node_and_after_a_restart() {
+    use fraudgate::proto::rules_admin_client::RulesAdminClient;
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    let mut nodes = vec![node(&nats, "r1").await, node(&nats, "r2").await];
+    settled(&js, &["r1", "r2"]).await;
+    let admin = |url: String| async move { RulesAdminClient::connect(url).await.unwrap() };
+    let mut first = admin(nodes[0].process.url()).await;
+    first
+        .put_list_entries(proto::PutListEntriesRequest {
+            list: "blocked_devices".into(),
+            entries: vec![proto::ListEntry {
+                value: "dev-x".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let put = first
+        .put_rule(proto::PutRuleRequest {
+            rule: Some(proto::Rule {
+                id: "blocked".into(),
+                description: "device is blocked".into(),
+                expression: "in_list('blocked_devices', tx.device_id)".into(),
+                action: proto::Decision::Deny as i32,
+                mode: proto::RuleMode::Enforce as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(put.rules_version, 2);
+    // A change the node refuses is not in the stream: nothing changes anywhere.
+    let bad = first
+        .put_rule(proto::PutRuleRequest {
+            rule: Some(proto::Rule {
+                id: "bad".into(),
+                expression: "tx.nope > 1".into(),
+                action: proto::Decision::Deny as i32,
+                mode: proto::RuleMode::Enforce as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+
+    async fn wait_for_version(url: String, version: u64) -> Vec<proto::Rule> {
+        let mut admin = RulesAdminClient::connect(url).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let listed = admin
+                .list_rules(proto::ListRulesRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if listed.rules_version >= version {
+                assert_eq!(listed.rules_version, version);
+                return listed.rules;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rules never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let rules = wait_for_version(nodes[1].process.url(), 2).await;
+    assert_eq!(rules.len(), 1);
+    assert_eq!((rules[0].id.as_str(), rules[0].version), ("blocked", 1));
+
+    // Accounts on both nodes' partitions, through either node.
+    let score_all = |nodes: &[Node], round: &'static str| {
+        let urls: Vec<String> = nodes.iter().map(|n| n.process.url()).collect();
+        async move {
+            for i in 0..24 {
+                let mut client = proto::fraud_scorer_client::FraudScorerClient::connect(
+                    urls[i % urls.len()].clone(),
+                )
+                .await
+                .unwrap();
+                let device = if i % 2 == 0 { "dev-x" } else { "dev-ok" };
+                let mut t = tx(
+                    &format!("{round}-{i}"),
+                    &format!("acct-{i}"),
+                    "m-1",
+                    1_000,
+                    i as i64,
+                );
+                t.device_id = device.into();
+                let got = client
+                    .score(proto::ScoreRequest {
+                        transaction: Some(t),
+                        explain: false,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let by_rule = got.reasons.first().is_some_and(|r| r.feature == "blocked");
+                assert_eq!(by_rule, device == "dev-x", "{round}-{i}: {got:?}");
+                if by_rule {
+                    assert_eq!(got.decision, proto::Decision::Deny as i32);
+                }
+            }
+        }
+    };
+    score_all(&nodes, "before").await;
+
+    // r2 restarts with nothing on disk: its book comes back from the stream before it owns
+    // anything again.
+    nodes[1].process.signal("-KILL");
+    nodes[1].process.wait_exit(Duration::from_secs(10));
+    nodes[1] = node(&nats, "r2").await;
+    settled(&js, &["r1", "r2"]).await;
+    let rules = wait_for_version(nodes[1].process.url(), 2).await;
+    assert_eq!(rules.len(), 1);
+    score_all(&nodes, "after").await;
+    let changes = RulesAdminClient::connect(nodes[1].process.url())
+        .await
+        .unwrap()
+        .list_rule_changes(proto::ListRuleChangesRequest { limit: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    let kinds: Vec<_> = changes
+        .iter()
+        .map(|c| (c.rules_version, c.kind.as_str()))
+        .collect();
+    assert_eq!(kinds, [(2, "PUT_RULE"), (1, "PUT_LIST_ENTRIES")]);
+}

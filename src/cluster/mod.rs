@@ -20,6 +20,7 @@
 pub mod ledger;
 mod ownership;
 pub mod router;
+pub mod rules;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub use ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::nats::{self, Nats, Source};
 use crate::node::Node;
+use crate::rules_admin::RulesAdmin;
 use crate::stream::{Ingest, Kind, Record};
 
 /// How long the ledger is kept: the longest window (30 days) and a day of lateness, so any
@@ -80,10 +82,12 @@ pub(crate) struct Shared {
 }
 
 /// Once `connected` holds a connection, runs as [`run`] does, logging why it ended.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_when_connected(
     connected: watch::Receiver<Option<Nats>>,
     config: ClusterConfig,
     node: Arc<Node>,
+    rules: Arc<RulesAdmin>,
     max_future_skew: Option<Duration>,
     shadow: bool,
     metrics: Arc<Metrics>,
@@ -92,18 +96,29 @@ pub async fn run_when_connected(
     let Some(nats) = Nats::when_connected(connected, &mut stop).await else {
         return;
     };
-    let run = run(nats, config, node, max_future_skew, shadow, metrics, stop);
+    let run = run(
+        nats,
+        config,
+        node,
+        rules,
+        max_future_skew,
+        shadow,
+        metrics,
+        stop,
+    );
     nats::logged("cluster", run).await;
 }
 
 /// Creates the cluster's streams and buckets if missing, then runs the node's part of the
-/// cluster until `stop`: heartbeat, ledger follower, ownership (router and partitions) and
-/// feedback. On `stop` the node finishes its batches and releases what it owns, so the
-/// others take it over at once.
+/// cluster until `stop`: the rules follower (caught up before anything is owned),
+/// heartbeat, ledger follower, ownership (router and partitions) and feedback. On `stop` the
+/// node finishes its batches and releases what it owns, so the others take it over at once.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     nats: Nats,
     config: ClusterConfig,
     node: Arc<Node>,
+    rules: Arc<RulesAdmin>,
     max_future_skew: Option<Duration>,
     shadow: bool,
     metrics: Arc<Metrics>,
@@ -133,6 +148,25 @@ pub async fn run(
         })
         .await
         .with_context(|| format!("creating the stream {}", nats.stream_name(kind)))?;
+    }
+    rules::create_stream(&nats).await?;
+    let (rules_caught_up, mut rules_ready) = watch::channel(false);
+    let rules_follower = tokio::spawn(nats::logged(
+        "rules",
+        rules::follow(
+            nats.clone(),
+            Arc::clone(rules.book()),
+            rules_caught_up,
+            stop.clone(),
+        ),
+    ));
+    rules.set_log(Arc::new(rules::StreamLog::new(nats.clone())));
+    // Scoring under an old rule book would answer differently from the other nodes: no
+    // partition is taken before the book holds every change made so far.
+    let mut waiting = stop.clone();
+    tokio::select! {
+        _ = rules_ready.wait_for(|ready| *ready) => {}
+        _ = waiting.wait_for(|stopped| *stopped) => return Ok(()),
     }
     let members = bucket(&nats, "members", MEMBER_TTL).await?;
     let owners = bucket(&nats, "owners", Duration::ZERO).await?;
@@ -184,7 +218,7 @@ pub async fn run(
         })
     };
     ownership::run(Arc::clone(&shared), caught_up, stop).await;
-    for task in [follower, heartbeat, feedback] {
+    for task in [follower, heartbeat, feedback, rules_follower] {
         let _ = task.await;
     }
     Ok(())

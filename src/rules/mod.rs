@@ -16,6 +16,7 @@
 
 pub mod expr;
 pub mod lists;
+pub mod record;
 pub mod store;
 
 use std::borrow::Cow;
@@ -272,12 +273,35 @@ pub fn combine(base: Decision, hits: &[Hit], skip: Option<&str>) -> (Decision, O
     (base, None)
 }
 
+/// Changes remembered in memory (for `ListRuleChanges` without a data directory).
+const HISTORY: usize = 10_000;
+
 /// The rules and lists of one engine. See the module doc.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RuleBook {
     book: RwLock<Book>,
     /// Counters by rule id, kept across versions and deletion.
     stats: Mutex<BTreeMap<String, Arc<RuleStats>>>,
+    /// The version applied last, for whoever waits for a change to arrive (a cluster node's
+    /// admin, whose change comes back through the rules stream).
+    applied: tokio::sync::watch::Sender<u64>,
+    /// The newest changes, newest last (the store keeps them all when there is one).
+    history: Mutex<std::collections::VecDeque<store::Recorded>>,
+    /// Versions whose change was refused when it arrived (a cluster's rules stream can carry
+    /// a change that a concurrent one made invalid: every node refuses it alike).
+    refusals: Mutex<BTreeMap<u64, String>>,
+}
+
+impl Default for RuleBook {
+    fn default() -> Self {
+        RuleBook {
+            book: RwLock::default(),
+            stats: Mutex::default(),
+            applied: tokio::sync::watch::Sender::new(0),
+            history: Mutex::default(),
+            refusals: Mutex::default(),
+        }
+    }
 }
 
 impl RuleBook {
@@ -354,6 +378,82 @@ impl RuleBook {
             Change::Lists(change) => book.lists.apply(change),
         }
         book.reorder();
+        let version = book.version;
+        drop(book);
+        self.applied.send_replace(version);
+    }
+
+    /// Follows the version applied last.
+    pub fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Checks and applies a change that arrived as version `version` (a cluster's rules
+    /// stream); a refused one still takes its version, so every node numbers alike.
+    pub fn apply_record(
+        &self,
+        version: u64,
+        record: &record::ChangeRecord,
+    ) -> Result<(), record::Refusal> {
+        let previous = match &record.change {
+            record::Requested::PutRule { id, .. } | record::Requested::DeleteRule { id } => {
+                self.read().rule(id).cloned()
+            }
+            _ => None,
+        };
+        match record.check(self) {
+            Ok(change) => {
+                self.remember(version, record, previous.as_ref());
+                self.apply(version, change);
+                Ok(())
+            }
+            Err(why) => {
+                let mut refusals = self.refusals.lock();
+                refusals.insert(version, why.to_string());
+                while refusals.len() > 100 {
+                    refusals.pop_first();
+                }
+                drop(refusals);
+                let mut book = self.book.write();
+                book.version = book.version.max(version);
+                drop(book);
+                self.applied.send_replace(version);
+                Err(why)
+            }
+        }
+    }
+
+    /// Why the change of `version` was refused when it arrived, if it was.
+    pub fn refusal(&self, version: u64) -> Option<String> {
+        self.refusals.lock().get(&version).cloned()
+    }
+
+    /// Keeps a change in the in-memory history.
+    pub fn remember(&self, version: u64, record: &record::ChangeRecord, previous: Option<&Rule>) {
+        let (kind, target) = record.summary();
+        let mut history = self.history.lock();
+        history.push_back(store::Recorded {
+            version,
+            at_ms: record.at_ms,
+            by: record.by.clone(),
+            kind: kind.to_owned(),
+            target: target.to_owned(),
+            previous: previous.map(|p| store::rule_json(p).to_string()),
+        });
+        while history.len() > HISTORY {
+            history.pop_front();
+        }
+    }
+
+    /// The newest `limit` changes in memory, newest first.
+    pub fn history(&self, limit: usize) -> Vec<store::Recorded> {
+        self.history
+            .lock()
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     /// Counters of every rule id seen, for the metrics.

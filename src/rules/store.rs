@@ -335,7 +335,8 @@ pub struct Recorded {
     pub previous: Option<String>,
 }
 
-fn rule_json(rule: &Rule) -> serde_json::Value {
+/// A rule as the change record stores it.
+pub fn rule_json(rule: &Rule) -> serde_json::Value {
     json!({
         "id": rule.id,
         "version": rule.version,

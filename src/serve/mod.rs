@@ -171,11 +171,16 @@ pub async fn run(
         config.promotion_margin,
     ));
     let _ = admin_cell.set(Arc::clone(&admin));
-    let _ = rules_cell.set(Arc::new(RulesAdmin::new(
-        Arc::clone(node.engine().rules()),
-        rule_store,
-        data.as_ref().map(|d| d.path.join(JOURNAL_FILE)),
-    )));
+    let rules_admin = Arc::new(match &config.cluster {
+        // A cluster's rules live in its rules stream, not in a node's files.
+        Some(_) => RulesAdmin::clustered(Arc::clone(node.engine().rules())),
+        None => RulesAdmin::new(
+            Arc::clone(node.engine().rules()),
+            rule_store,
+            data.as_ref().map(|d| d.path.join(JOURNAL_FILE)),
+        ),
+    });
+    let _ = rules_cell.set(Arc::clone(&rules_admin));
     metrics.set_source(Arc::clone(&node) as Arc<dyn metrics::GaugeSource>);
     grpc.set_health(ServingStatus::Serving).await;
     info!(%addr, "serving");
@@ -186,7 +191,14 @@ pub async fn run(
         let (skew, shadow, stop) = (config.max_future_skew, config.shadow, ingest_stopped);
         match config.cluster.clone() {
             Some(cluster) => tokio::spawn(crate::cluster::run_when_connected(
-                connected, cluster, node, skew, shadow, metrics, stop,
+                connected,
+                cluster,
+                node,
+                Arc::clone(&rules_admin),
+                skew,
+                shadow,
+                metrics,
+                stop,
             )),
             None => tokio::spawn(crate::stream::run(
                 connected, node, skew, shadow, metrics, stop,
