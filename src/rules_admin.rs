@@ -301,23 +301,34 @@ impl RulesAdmin {
         book.lists.iter().map(summary).collect()
     }
 
-    /// A page of one list, sorted by value: `limit` entries after `after` (exclusive).
+    /// A page of one list, sorted by value: `limit` entries after `after` (exclusive). One
+    /// pass under the book's read lock keeping the `limit` smallest values (a sort of a
+    /// million entries there would hold a waiting change, and scoring behind it).
     pub fn list(&self, name: &str, after: &str, limit: usize) -> Result<ListPage, AdminError> {
         let book = self.book.read();
         let list = book
             .lists
             .get(name)
             .ok_or_else(|| AdminError::NotFound(format!("list: there is no list '{name}'")))?;
-        let mut entries: Vec<(String, Entry)> = list
-            .entries()
-            .map(|(k, e)| (k.to_string(), e.clone()))
-            .filter(|(k, _)| after.is_empty() || k.as_str() > after)
-            .collect();
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        entries.truncate(limit);
+        let mut smallest: std::collections::BinaryHeap<(String, Entry)> =
+            std::collections::BinaryHeap::with_capacity(limit + 1);
+        for (key, entry) in list.entries() {
+            let value = key.to_string();
+            if !after.is_empty() && value.as_str() <= after {
+                continue;
+            }
+            if smallest.len() < limit {
+                smallest.push((value, entry.clone()));
+            } else if smallest.peek().is_some_and(|(top, _)| value < *top) {
+                smallest.pop();
+                smallest.push((value, entry.clone()));
+            }
+        }
+        let summary = summary(list);
+        drop(book);
         Ok(ListPage {
-            summary: summary(list),
-            entries,
+            summary,
+            entries: smallest.into_sorted_vec(),
         })
     }
 

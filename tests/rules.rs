@@ -614,6 +614,26 @@ async fn list_entries_apply_at_once_expire_and_survive_kill_9() {
         list.entries[0].expires_at.as_ref().unwrap().seconds,
         T0 + 3_600
     );
+    // Paged: one value a page.
+    let page = |token: &str| proto::GetListRequest {
+        list: "blocked_devices".into(),
+        page_size: 1,
+        page_token: token.into(),
+    };
+    let one = rules.get_list(page("")).await.unwrap().into_inner();
+    assert_eq!(
+        (one.entries[0].value.as_str(), one.next_page_token.as_str()),
+        ("dev-brief", "dev-brief")
+    );
+    let two = rules
+        .get_list(page(&one.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (two.entries[0].value.as_str(), two.next_page_token.as_str()),
+        ("dev-new", "")
+    );
     let listed = rules
         .list_rules(proto::ListRulesRequest {})
         .await

@@ -182,8 +182,8 @@ pub fn run(
     };
     let mut cand = Tally::default();
     let mut cur = current.map(|_| Tally::default());
-    let book = book.read();
-    let lists = &book.lists;
+    // The book's read lock is taken per row, never across the scan: a change waiting for
+    // the write lock would otherwise hold every scoring call behind it for seconds.
     let mut rows = conn.prepare(
         "SELECT transaction_id, account_id, merchant_id, amount_minor, currency, event_seconds, \
          channel, merchant_category_code, country, device_id, ip_address, decision, score, \
@@ -235,7 +235,7 @@ pub fn run(
         }
         let (without, _) = rules::combine(base, &hits, skip);
         let mut tally = |tally: &mut Tally, compiled: &Compiled, action: Action| {
-            let hit = compiled.eval(&input, lists).map_err(|_| ());
+            let hit = compiled.eval(&input, &book.read().lists).map_err(|_| ());
             let change = match hit {
                 Ok(true) => {
                     hits.push(Hit {
@@ -259,7 +259,7 @@ pub fn run(
                 tally(t, compiled, rule.action);
             } else {
                 // A shadow rule changes nothing: count its hits only.
-                let hit = compiled.eval(&input, lists).map_err(|_| ());
+                let hit = compiled.eval(&input, &book.read().lists).map_err(|_| ());
                 t.count(hit, label, None, currency, amount_minor);
             }
         }

@@ -53,7 +53,7 @@ impl ListKind {
 }
 
 /// One entry's expiry and comment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Entry {
     /// Event time (seconds since the epoch) from which the entry no longer matches.
     pub expires_at: Option<i64>,
