@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod console;
 pub mod dataset;
 pub mod domain;
 pub mod drift;

@@ -356,6 +356,28 @@ impl Metrics {
         self.feedback.with_label_values(&[label]).inc();
     }
 
+    /// Fresh decisions so far by outcome (the console's overview).
+    pub fn decision_counts(&self) -> [(&'static str, u64); 3] {
+        ["allow", "review", "deny"].map(|d| (d, self.decisions.with_label_values(&[d]).get()))
+    }
+
+    /// The score histogram: (upper bound, payments at or below it), cumulative.
+    pub fn score_buckets(&self) -> Vec<(f64, u64)> {
+        use prometheus::core::Collector;
+        self.scores
+            .collect()
+            .first()
+            .and_then(|family| family.get_metric().first())
+            .map(|m| {
+                m.get_histogram()
+                    .get_bucket()
+                    .iter()
+                    .map(|b| (b.upper_bound(), b.cumulative_count()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The exposition, with the scrape-time gauges read now.
     pub fn render(&self) -> anyhow::Result<String> {
         let _scrape = self.scrape.lock();
@@ -451,12 +473,15 @@ fn catch_up(counter: &IntCounter, total: u64) {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes.
+/// Serves `GET /metrics` on `listener`, and whatever else `beside` routes (the console),
+/// until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    beside: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = axum::Router::new().route(
+    let app = beside.route(
         "/metrics",
         axum::routing::get(move || {
             let metrics = Arc::clone(&metrics);
@@ -476,10 +501,13 @@ pub async fn serve(
             }
         }),
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving /metrics")
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("serving /metrics")
 }
 
 /// Binds the metrics address (`--metrics-listen`).

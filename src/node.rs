@@ -182,6 +182,16 @@ impl Node {
         fb: &Feedback,
         raw: proto::ReportFeedbackRequest,
     ) -> Result<FeedbackApplied, NodeError> {
+        self.feedback_by(fb, raw, None).await
+    }
+
+    /// [`Node::feedback`], recording who gave it (a console user, a token's name).
+    pub async fn feedback_by(
+        &self,
+        fb: &Feedback,
+        raw: proto::ReportFeedbackRequest,
+        by: Option<String>,
+    ) -> Result<FeedbackApplied, NodeError> {
         let permit = self.reserve()?;
         let applied = self
             .engine
@@ -196,6 +206,7 @@ impl Node {
                 previous: applied.outcome.previous,
                 fraud_delta: applied.fraud_delta,
                 received_at_ms: crate::journal::now_ms(),
+                reported_by: by,
             }));
             if let Some(done) = permit.write(entry, true) {
                 committed(done).await?;

@@ -54,6 +54,9 @@ pub enum Command {
     /// The fraud handbook's public benchmark (scripts/handbook.sh runs it end to end).
     #[command(subcommand)]
     Handbook(HandbookCommand),
+    /// Read a console password from standard input and print its argon2 hash, for the
+    /// `password` of a user in the --console-users file.
+    HashPassword,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +131,15 @@ impl Cli {
             Command::Replay(args) => offline::replay(args),
             Command::Config(ConfigCommand::Check { file }) => check::check_config(file),
             Command::Handbook(command) => offline::handbook(command),
+            Command::HashPassword => {
+                let mut password = String::new();
+                std::io::stdin().read_line(&mut password).map_err(|e| {
+                    anyhow::anyhow!("reading the password from standard input: {e}")
+                })?;
+                let password = password.trim_end_matches(['\r', '\n']);
+                println!("{}", crate::console::users::hash_password(password)?);
+                Ok(())
+            }
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct FeedbackEntry {
     /// The change it made to the fraud counts: +1, -1 or 0.
     pub fraud_delta: i32,
     pub received_at_ms: i64,
+    /// Who gave it, when a person did (the console's user, or the token's name).
+    pub reported_by: Option<String>,
 }
 
 #[derive(Debug, Clone)]

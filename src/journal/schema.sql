@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS decisions (
 );
 CREATE INDEX IF NOT EXISTS decisions_transaction ON decisions (transaction_id);
 CREATE INDEX IF NOT EXISTS decisions_scored_at ON decisions (scored_at_ms);
+-- The review queue: only the decisions a person looks at (a few in a hundred) are indexed.
+CREATE INDEX IF NOT EXISTS decisions_to_review ON decisions (decision, seq)
+    WHERE decision IN ('REVIEW', 'DENY');
 
 CREATE TABLE IF NOT EXISTS feedback (
     seq              INTEGER PRIMARY KEY,
@@ -45,7 +48,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_at_ms   INTEGER NOT NULL,
     applied          INTEGER NOT NULL, -- 0 when the transaction already had this label
     previous_label   TEXT,             -- FRAUD, LEGITIMATE or NULL
-    fraud_delta      INTEGER NOT NULL  -- change to the fraud counts: 1, -1 or 0
+    fraud_delta      INTEGER NOT NULL, -- change to the fraud counts: 1, -1 or 0
+    reported_by      TEXT              -- the console user (or token name) who gave it
 );
 CREATE INDEX IF NOT EXISTS feedback_transaction ON feedback (transaction_id);
 CREATE INDEX IF NOT EXISTS feedback_received_at ON feedback (received_at_ms);

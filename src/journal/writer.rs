@@ -56,21 +56,23 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
 
 /// Columns added since schema version 1, added to a journal written before them (their
 /// defaults describe a decision made without analysts' rules).
-const ADDED_COLUMNS: [(&str, &str); 3] = [
-    ("rules_version", "INTEGER NOT NULL DEFAULT 0"),
-    ("policy_decision", "TEXT NOT NULL DEFAULT ''"),
-    ("rule_hits", "TEXT NOT NULL DEFAULT ''"),
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+    ("decisions", "rules_version", "INTEGER NOT NULL DEFAULT 0"),
+    ("decisions", "policy_decision", "TEXT NOT NULL DEFAULT ''"),
+    ("decisions", "rule_hits", "TEXT NOT NULL DEFAULT ''"),
+    ("feedback", "reported_by", "TEXT"),
 ];
 
 fn add_missing_columns(conn: &Connection) -> anyhow::Result<()> {
-    let mut columns = conn.prepare("SELECT name FROM pragma_table_info('decisions')")?;
-    let have: Vec<String> = columns
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for (name, decl) in ADDED_COLUMNS {
+    for (table, name, decl) in ADDED_COLUMNS {
+        let mut columns =
+            conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+        let have: Vec<String> = columns
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         if !have.iter().any(|h| h == name) {
-            conn.execute_batch(&format!("ALTER TABLE decisions ADD COLUMN {name} {decl}"))
-                .with_context(|| format!("adding decisions.{name}"))?;
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {decl}"))
+                .with_context(|| format!("adding {table}.{name}"))?;
         }
     }
     Ok(())
@@ -276,8 +278,8 @@ fn insert_feedback(tx: &Transaction, f: &FeedbackEntry) -> anyhow::Result<()> {
         .map(|ts| ts.seconds.saturating_mul(1000) + i64::from(ts.nanos / 1_000_000));
     tx.prepare_cached(
         "INSERT INTO feedback (seq, transaction_id, label, source, action_taken, \
-         reported_at_ms, received_at_ms, applied, previous_label, fraud_delta) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         reported_at_ms, received_at_ms, applied, previous_label, fraud_delta, reported_by) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         f.seq as i64,
@@ -290,6 +292,7 @@ fn insert_feedback(tx: &Transaction, f: &FeedbackEntry) -> anyhow::Result<()> {
         f.applied,
         f.previous.map(Label::name),
         f.fraud_delta,
+        f.reported_by,
     ])
     .with_context(|| format!("journaling feedback {}", f.seq))?;
     Ok(())

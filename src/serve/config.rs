@@ -46,8 +46,12 @@ pub struct ServeConfig {
     /// Calls one connection may have in progress (queued for a CPU included); beyond it a
     /// call is refused at once with RESOURCE_EXHAUSTED instead of queueing.
     pub max_in_flight_per_connection: usize,
-    /// Where Prometheus scrapes `/metrics` (none: not served).
+    /// The HTTP listener: `/metrics` and the console (none: neither).
     pub metrics_listen: Option<SocketAddr>,
+    /// The console's users (none: nobody can log in).
+    pub console_users: Option<crate::console::users::Users>,
+    /// The console's session cookie is `Secure`.
+    pub console_secure_cookie: bool,
     /// Bearer tokens the scoring service requires (none: open).
     pub tokens: Option<Tokens>,
     /// Shadow mode: score and journal as usual, but answer ALLOW to every payment.

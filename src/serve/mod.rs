@@ -35,6 +35,8 @@ pub use settings::{AlertOn, MetricsAddr, Mode, Settings};
 
 use crate::admin::ModelAdmin;
 use crate::alerts::{Alerts, NatsSink};
+use crate::console::cases::Cases;
+use crate::console::{Console, Served};
 use crate::grpc::auth::Access;
 use crate::grpc::gateway::Gateway;
 use crate::grpc::server::Door;
@@ -87,13 +89,22 @@ pub async fn run(
     };
     let (alerts, alert_workers) = alerts.unzip();
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let console = Arc::new(Console::new(
+        config.console_users.clone().unwrap_or_default(),
+        Arc::clone(&metrics),
+        config.console_secure_cookie,
+    ));
     let metrics_server = match config.metrics_listen {
         Some(addr) => {
             let listener = metrics::bind(addr).await?;
             info!(addr = %listener.local_addr().context("reading the metrics address")?, "metrics on /metrics");
+            if console.users.is_empty() {
+                info!("the console is at / on the same address; no --console-users: nobody can log in");
+            }
             Some(tokio::spawn(metrics::serve(
                 listener,
                 Arc::clone(&metrics),
+                crate::console::router(Arc::clone(&console)),
                 async {
                     let _ = metrics_stopped.await;
                 },
@@ -181,6 +192,32 @@ pub async fn run(
         ),
     });
     let _ = rules_cell.set(Arc::clone(&rules_admin));
+    let cases = match &data {
+        Some(d) => {
+            let path = d.path.join(JOURNAL_FILE);
+            let opened = tokio::task::spawn_blocking(move || Cases::open(&path))
+                .await
+                .map_err(|e| anyhow::anyhow!("opening the case store: {e}"))??;
+            Some(Arc::new(opened))
+        }
+        None => None,
+    };
+    let _ = console.parts.set(Served {
+        node: Arc::clone(&node),
+        models: Arc::clone(&admin),
+        rules: Arc::clone(&rules_admin),
+        cases,
+    });
+    let sweeper = {
+        let console = Arc::clone(&console);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                console.sessions.sweep();
+            }
+        })
+    };
     metrics.set_source(Arc::clone(&node) as Arc<dyn metrics::GaugeSource>);
     grpc.set_health(ServingStatus::Serving).await;
     info!(%addr, "serving");
@@ -232,6 +269,7 @@ pub async fn run(
         e = grpc.failed() => Some(e),
     };
     evictor.abort();
+    sweeper.abort();
     for task in [&snapshotter, &reloader, &retrainer].into_iter().flatten() {
         task.abort();
     }

@@ -99,9 +99,19 @@ pub struct Settings {
     /// but answers ALLOW to every payment (for trying fraudgate beside a live system).
     #[arg(long, value_enum, default_value = "enforce")]
     pub mode: Mode,
-    /// Where Prometheus scrapes `/metrics` ("off": not served).
-    #[arg(long, value_parser = metrics_addr, default_value = "127.0.0.1:9464")]
+    /// The HTTP listener: `/metrics` for Prometheus and the analyst console at `/` ("off":
+    /// neither). Also `--http-listen`.
+    #[arg(long, visible_alias = "http-listen", value_parser = metrics_addr, default_value = "127.0.0.1:9464")]
     pub metrics_listen: MetricsAddr,
+    /// The analyst console's users (TOML: name, role viewer/analyst/admin, an argon2
+    /// password hash from `fraudgate hash-password` and/or an API token). Without it nobody
+    /// can log in.
+    #[arg(long)]
+    pub console_users: Option<PathBuf>,
+    /// Mark the console's session cookie `Secure` (the console is reached over HTTPS, e.g.
+    /// behind a TLS proxy).
+    #[arg(long)]
+    pub console_secure_cookie: bool,
     /// Calls one connection may have in progress; beyond it calls are refused at once with
     /// RESOURCE_EXHAUSTED rather than queued.
     #[arg(long, default_value_t = 256)]
@@ -244,6 +254,12 @@ impl Settings {
             shutdown_grace: self.shutdown_grace,
             max_in_flight_per_connection: self.max_in_flight_per_connection,
             metrics_listen: self.metrics_listen.0,
+            console_users: self
+                .console_users
+                .as_deref()
+                .map(crate::console::users::Users::load)
+                .transpose()?,
+            console_secure_cookie: self.console_secure_cookie,
             shadow: self.mode == Mode::Shadow,
             redact: self.redact,
             admin_tokens: self

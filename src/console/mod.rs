@@ -1,0 +1,288 @@
+//! The analyst console: a review queue, cases, one-click verdicts and an overview, in the
+//! browser, served by `fraudgate serve` on its HTTP listener (`--http-listen`, formerly
+//! `--metrics-listen`, which keeps working) at `/`; the same data as JSON under `/api/v1/`.
+//!
+//! A door like gRPC: it reads the journal and the case tables (`cases.rs`) and gives
+//! verdicts through [`Node::feedback_by`], the path `ReportFeedback` takes, so a verdict is
+//! journaled (with the user's name) and changes the counters the next `Score` reads. Pages
+//! are askama templates compiled into the binary (escaped by default: every value from a
+//! transaction is attacker-controlled); no JavaScript at all, charts are inline SVG drawn
+//! here. Every response carries a `Content-Security-Policy` that forbids scripts; the
+//! session cookie is `HttpOnly` and `SameSite=Strict` (and `Secure` when `--console-secure`
+//! says the console is behind TLS); every state-changing form carries the session's CSRF
+//! token; logins are rate-limited; the API takes `Authorization: Bearer <token>`.
+//!
+//! Shared as `Arc<Console>`; what it serves arrives through a cell once start-up has made
+//! the node (until then pages answer 503).
+
+pub mod cases;
+mod pages;
+pub mod session;
+pub mod users;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::admin::ModelAdmin;
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::rules_admin::RulesAdmin;
+use cases::Cases;
+use session::{Session, Sessions};
+use users::{Role, Users};
+
+/// What the console serves from, once start-up has made it.
+pub struct Served {
+    pub node: Arc<Node>,
+    pub models: Arc<ModelAdmin>,
+    pub rules: Arc<RulesAdmin>,
+    /// None without a data directory: no journal, no queue.
+    pub cases: Option<Arc<Cases>>,
+}
+
+/// The console: users, sessions, and (once started) the node it shows.
+pub struct Console {
+    pub users: Users,
+    pub sessions: Sessions,
+    pub metrics: Arc<Metrics>,
+    /// `Secure` on the session cookie (the console is reached over TLS).
+    pub secure_cookie: bool,
+    pub parts: OnceLock<Served>,
+}
+
+impl Console {
+    pub fn new(users: Users, metrics: Arc<Metrics>, secure_cookie: bool) -> Console {
+        Console {
+            users,
+            sessions: Sessions::default(),
+            metrics,
+            secure_cookie,
+            parts: OnceLock::new(),
+        }
+    }
+
+    fn parts(&self) -> Result<&Served, Failure> {
+        self.parts
+            .get()
+            .ok_or_else(|| Failure::Unavailable("fraudgate is starting".into()))
+    }
+
+    fn cases(&self) -> Result<Arc<Cases>, Failure> {
+        self.parts()?.cases.clone().ok_or_else(|| {
+            Failure::Unavailable(
+                "this server keeps no data directory (--ephemeral, or a cluster node): there is \
+                 no journal, so no review queue and no cases"
+                    .into(),
+            )
+        })
+    }
+}
+
+/// The console's routes (merged into the HTTP listener's router beside `/metrics`).
+pub fn router(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/", get(pages::overview))
+        .route("/login", get(pages::login_form).post(pages::login))
+        .route("/logout", post(pages::logout))
+        .route("/queue", get(pages::queue))
+        .route("/queue/next", post(pages::next_case))
+        .route("/cases/{id}", get(pages::case))
+        .route("/cases/{id}/verdict", post(pages::verdict))
+        .route("/cases/{id}/note", post(pages::note))
+        .route("/cases/{id}/escalate", post(pages::escalate))
+        .route("/search", get(pages::search))
+        .route("/static/console.css", get(pages::stylesheet))
+        .route("/api/v1/review-queue", get(pages::api_queue))
+        .route("/api/v1/cases/{id}", get(pages::api_case))
+        .route("/api/v1/cases/{id}/verdict", post(pages::api_verdict))
+        .layer(axum::middleware::map_response(secure_headers))
+        .with_state(console)
+}
+
+/// Headers on every console response: no scripts, no framing, no sniffing, no caching.
+async fn secure_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
+             frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Why a console request was not served.
+#[derive(Debug)]
+pub enum Failure {
+    /// No session: the login page (HTML) or 401 (API).
+    LoggedOut,
+    Forbidden(String),
+    BadRequest(String),
+    NotFound(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl Failure {
+    fn status(&self) -> StatusCode {
+        match self {
+            Failure::LoggedOut => StatusCode::UNAUTHORIZED,
+            Failure::Forbidden(_) => StatusCode::FORBIDDEN,
+            Failure::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Failure::NotFound(_) => StatusCode::NOT_FOUND,
+            Failure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Failure::LoggedOut => "log in first",
+            Failure::Forbidden(m)
+            | Failure::BadRequest(m)
+            | Failure::NotFound(m)
+            | Failure::Unavailable(m)
+            | Failure::Internal(m) => m,
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Internal(format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for Failure {
+    /// HTML pages: the login page for a missing session, else a page saying why.
+    fn into_response(self) -> Response {
+        if matches!(self, Failure::LoggedOut) {
+            return Redirect::to("/login").into_response();
+        }
+        (
+            self.status(),
+            pages::error_page(self.status(), self.message()),
+        )
+            .into_response()
+    }
+}
+
+/// The same failures for `/api/v1/`: JSON `{"error": ...}` with the status.
+pub struct ApiFailure(pub Failure);
+
+impl From<Failure> for ApiFailure {
+    fn from(f: Failure) -> Self {
+        ApiFailure(f)
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (
+            self.0.status(),
+            axum::Json(serde_json::json!({ "error": self.0.message() })),
+        )
+            .into_response()
+    }
+}
+
+/// A request's logged-in user, from the session cookie.
+pub struct Viewer {
+    pub session: Session,
+    pub session_id: String,
+}
+
+impl Viewer {
+    /// Refuses below `role`.
+    pub fn require(&self, role: Role) -> Result<(), Failure> {
+        if self.session.role >= role {
+            Ok(())
+        } else {
+            Err(Failure::Forbidden(format!(
+                "{} may not do this: it needs the {} role",
+                self.session.user,
+                role.name()
+            )))
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Console>> for Viewer {
+    type Rejection = Failure;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        console: &Arc<Console>,
+    ) -> Result<Self, Self::Rejection> {
+        let id = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(session::cookie_value)
+            .ok_or(Failure::LoggedOut)?;
+        let session = console.sessions.get(id).ok_or(Failure::LoggedOut)?;
+        Ok(Viewer {
+            session,
+            session_id: id.to_owned(),
+        })
+    }
+}
+
+/// An API caller, from `Authorization: Bearer <token>`.
+pub struct ApiUser {
+    pub name: String,
+    pub role: Role,
+}
+
+impl FromRequestParts<Arc<Console>> for ApiUser {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        console: &Arc<Console>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then_some(token.trim())
+            })
+            .ok_or(ApiFailure(Failure::LoggedOut))?;
+        let user = console
+            .users
+            .by_token(token)
+            .ok_or(ApiFailure(Failure::LoggedOut))?;
+        Ok(ApiUser {
+            name: user.name.clone(),
+            role: user.role,
+        })
+    }
+}
+
+/// The client's address, when the listener gives it.
+pub fn client_addr(info: Option<&ConnectInfo<SocketAddr>>) -> Option<std::net::IpAddr> {
+    info.map(|c| c.0.ip())
+}
