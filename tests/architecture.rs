@@ -68,6 +68,18 @@ fn nothing_below_the_grpc_door_imports_it() {
     );
 }
 
+/// Architecture Invariant: nothing below the console (a door, like gRPC) imports it; only
+/// start-up wires it to the node.
+#[test]
+fn nothing_below_the_console_imports_it() {
+    let found = reaches("console", &["console", "serve", "cli"]);
+    assert!(
+        found.is_empty(),
+        "imports of console/ from below it:\n{}",
+        found.join("\n")
+    );
+}
+
 /// Architecture Invariant: the wire layer (protobuf <-> domain) knows no door.
 #[test]
 fn the_wire_layer_knows_no_door() {
@@ -81,6 +93,7 @@ fn the_wire_layer_knows_no_door() {
             "crate::stream",
             "crate::cluster",
             "crate::alerts",
+            "crate::console",
         ] {
             assert!(!text.contains(door), "{} imports {door}", file.display());
         }

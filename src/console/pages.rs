@@ -267,7 +267,7 @@ fn histogram_svg(buckets: &[(f64, u64)]) -> String {
         let x = i as f64 * 40.0 + 4.0;
         let _ = write!(
             svg,
-            r#"<rect class="bar" x="{x}" y="{}" width="{bar}" height="{bh}"><title>score up to {upper}: {n}</title></rect><text x="{x}" y="{}">{upper}</text>"#,
+            r#"<rect class="bar" x="{x}" y="{}" width="{bar}" height="{bh}"><title>score up to {upper:.2}: {n}</title></rect><text x="{x}" y="{}">{upper:.2}</text>"#,
             h - bh,
             h + 14.0
         );
@@ -302,7 +302,7 @@ fn reasons_svg(case: &Case) -> String {
         .max(1e-9);
     let rows = case.reasons.len().max(1);
     let mut svg = format!(
-        r#"<svg id="reasons-chart" width="640" height="{}" role="img" aria-label="reasons">"#,
+        r#"<svg id="reasons-chart" width="720" height="{}" role="img" aria-label="reasons">"#,
         rows * 24 + 8
     );
     for (i, r) in case.reasons.iter().enumerate() {

@@ -192,15 +192,17 @@ pub async fn run(
         ),
     });
     let _ = rules_cell.set(Arc::clone(&rules_admin));
+    // The case tables and the indexes the case page reads cost the journal's writer an index
+    // update per decision: made only when someone can log in to use them.
     let cases = match &data {
-        Some(d) => {
+        Some(d) if !console.users.is_empty() => {
             let path = d.path.join(JOURNAL_FILE);
             let opened = tokio::task::spawn_blocking(move || Cases::open(&path))
                 .await
                 .map_err(|e| anyhow::anyhow!("opening the case store: {e}"))??;
             Some(Arc::new(opened))
         }
-        None => None,
+        _ => None,
     };
     let _ = console.parts.set(Served {
         node: Arc::clone(&node),

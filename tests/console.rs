@@ -1,0 +1,409 @@
+//! The analyst console in a real browser (headless Chromium driven through chromedriver,
+//! Debian's `chromium` and `chromium-driver`) against the real binary, and its refusals over
+//! plain HTTP. The browser test saves a screenshot of each page in
+//! `target/tmp/console-screenshots/` (the README's pictures are copies).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::process::{free_port, ServerProcess};
+use common::{explain, feature, req, tx};
+use fantoccini::{Client, ClientBuilder, Locator};
+use fraudgate::console::users::hash_password;
+use fraudgate::proto;
+use rusqlite::{Connection, OpenFlags};
+
+const EVIL: &str = "<img src=x onerror=alert(1)>";
+const API_TOKEN: &str = "ana-api-token-0123456789";
+
+/// A data directory, a users file (analyst `ana`, viewer `vic`) and a policy that sends every
+/// payment to review, so the queue has what the test scores.
+fn setup(dir: &Path) -> Vec<String> {
+    let users = dir.join("users.toml");
+    std::fs::write(
+        &users,
+        format!(
+            "[[user]]\nname = \"ana\"\nrole = \"analyst\"\npassword = \"{}\"\ntoken = \"{API_TOKEN}\"\n\
+             [[user]]\nname = \"vic\"\nrole = \"viewer\"\npassword = \"{}\"\n",
+            hash_password("ana-password-1").unwrap(),
+            hash_password("vic-password-1").unwrap()
+        ),
+    )
+    .unwrap();
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, "[thresholds]\nreview = 0.0\ndeny = 1.0\n").unwrap();
+    vec![
+        "--data-dir".into(),
+        dir.join("data").to_str().unwrap().into(),
+        "--console-users".into(),
+        users.to_str().unwrap().into(),
+        "--policy".into(),
+        policy.to_str().unwrap().into(),
+    ]
+}
+
+async fn start(dir: &Path) -> ServerProcess {
+    let args = setup(dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ServerProcess::start(&args).await
+}
+
+/// Headless Chromium through a chromedriver of its own; stopped when dropped.
+struct Browser {
+    driver: Child,
+    client: Client,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+async fn browser() -> Browser {
+    let port = free_port();
+    let driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run chromedriver ({e}): apt-get install chromium chromium-driver")
+        });
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1280,1100"],
+        }),
+    );
+    let mut last = None;
+    for _ in 0..100 {
+        match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps.clone())
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+        {
+            Ok(client) => return Browser { driver, client },
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("chromedriver never answered: {last:?}");
+}
+
+fn screenshots() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn screenshot(client: &Client, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    std::fs::write(screenshots().join(format!("console-{name}.png")), png).unwrap();
+}
+
+async fn text(client: &Client, css: &str) -> String {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analyst_logs_in_works_the_queue_and_gives_a_verdict_in_the_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let console = format!("http://{}", server.metrics.expect("the HTTP listener"));
+    let mut scorer = server.client().await;
+    for (i, merchant) in ["m-shop", EVIL, "m-shop"].iter().enumerate() {
+        let t = tx(
+            &format!("c-{i}"),
+            &format!("acct-{i}"),
+            merchant,
+            4_200 + i as i64,
+            i as i64 * 60,
+        );
+        let r = scorer.score(req(t)).await.unwrap().into_inner();
+        assert_eq!(r.decision, proto::Decision::Review as i32);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // decisions reach the journal
+
+    let b = browser().await;
+    let c = &b.client;
+    // Logged out: the login page.
+    c.goto(&format!("{console}/queue")).await.unwrap();
+    assert!(c.current_url().await.unwrap().path().ends_with("/login"));
+    screenshot(c, "login").await;
+    c.find(Locator::Id("name"))
+        .await
+        .unwrap()
+        .send_keys("ana")
+        .await
+        .unwrap();
+    c.find(Locator::Id("password"))
+        .await
+        .unwrap()
+        .send_keys("ana-password-1")
+        .await
+        .unwrap();
+    c.find(Locator::Id("login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(text(c, "#queue-depth").await, "3");
+    screenshot(c, "overview").await;
+
+    c.goto(&format!("{console}/queue")).await.unwrap();
+    let queue = text(c, "#queue").await;
+    for id in ["c-0", "c-1", "c-2"] {
+        assert!(queue.contains(id), "{queue}");
+    }
+    // The attacker's merchant id is text, not an element, and nothing ran.
+    assert!(queue.contains(EVIL), "{queue}");
+    assert!(c
+        .find_all(Locator::Css("#queue img"))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(c.get_alert_text().await.is_err(), "an alert opened");
+    screenshot(c, "queue").await;
+
+    // "Next case" gives the oldest unassigned one.
+    c.find(Locator::Id("next-case"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(text(c, "#case-id").await, "c-0");
+    assert_eq!(text(c, "#status").await, "assigned");
+    c.goto(&format!("{console}/cases/c-1")).await.unwrap();
+    assert_eq!(text(c, "#merchant").await, EVIL);
+    assert!(c
+        .find_all(Locator::Css("#merchant img"))
+        .await
+        .unwrap()
+        .is_empty());
+    screenshot(c, "case").await;
+
+    // Fraud, through the ReportFeedback path: journaled with the user, counted at once.
+    c.find(Locator::Id("verdict-fraud"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(text(c, "#flash").await.contains("FRAUD"));
+    assert_eq!(text(c, "#status").await, "closed");
+    let journal = Connection::open_with_flags(
+        dir.path().join("data/journal.db"),
+        OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let (label, source, by): (String, String, String) = journal
+        .query_row(
+            "SELECT label, source, reported_by FROM feedback WHERE transaction_id = 'c-1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (label.as_str(), source.as_str(), by.as_str()),
+        ("FRAUD", "FEEDBACK_SOURCE_ANALYST_REVIEW", "ana")
+    );
+    let next = scorer
+        .score(explain(tx("c-3", "acct-9", EVIL, 4_300, 600)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(feature(&next, "merch_frauds_30d"), 1.0);
+
+    // A note, then search by account.
+    c.goto(&format!("{console}/cases/c-2")).await.unwrap();
+    c.find(Locator::Id("note-text"))
+        .await
+        .unwrap()
+        .send_keys("called the cardholder")
+        .await
+        .unwrap();
+    c.find(Locator::Id("add-note"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait().for_element(Locator::Id("flash")).await.unwrap();
+    let notes = text(c, "#notes").await;
+    assert!(notes.contains("ana: called the cardholder"), "{notes:?}");
+    c.goto(&format!("{console}/search?q=acct-1")).await.unwrap();
+    assert!(text(c, "#results").await.contains("c-1"));
+    screenshot(c, "search").await;
+    // The queue no longer holds the decided case.
+    c.goto(&format!("{console}/queue")).await.unwrap();
+    assert!(!text(c, "#queue").await.contains("c-1"));
+}
+
+/// A cookie jar of one: the session cookie a login set.
+async fn login(http: &reqwest::Client, console: &str, name: &str, password: &str) -> String {
+    let r = http
+        .post(format!("{console}/login"))
+        .form(&[("name", name), ("password", password)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "login of {name}");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+async fn csrf_of(http: &reqwest::Client, console: &str, cookie: &str) -> String {
+    let page = http
+        .get(format!("{console}/queue"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let at = page
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + 19;
+    page[at..at + 64].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_refuses_strangers_forgeries_viewers_and_guessers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let console = format!("http://{}", server.metrics.expect("the HTTP listener"));
+    let mut scorer = server.client().await;
+    scorer
+        .score(req(tx("h-1", "acct-1", "m-1", 5_000, 0)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the decision reaches the journal
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    // Not logged in: pages send to the login page, the API answers 401.
+    let r = http
+        .get(format!("{console}/cases/h-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.status().as_u16(),
+            r.headers()["location"].to_str().unwrap()
+        ),
+        (303, "/login")
+    );
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("default-src 'none'") && !csp.contains("script-src"),
+        "{csp}"
+    );
+    let r = http
+        .get(format!("{console}/api/v1/review-queue"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let api = http
+        .get(format!("{console}/api/v1/review-queue"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 200);
+    let queue: serde_json::Value = api.json().await.unwrap();
+    assert_eq!(queue[0]["transaction_id"], "h-1");
+
+    // A POST without its CSRF token (or with another session's) changes nothing.
+    let ana = login(&http, &console, "ana", "ana-password-1").await;
+    let vic = login(&http, &console, "vic", "vic-password-1").await;
+    let vic_csrf = csrf_of(&http, &console, &vic).await;
+    for form in [
+        vec![("label", "FRAUD")],
+        vec![("label", "FRAUD"), ("csrf", vic_csrf.as_str())],
+    ] {
+        let r = http
+            .post(format!("{console}/cases/h-1/verdict"))
+            .header("cookie", &ana)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    // A viewer cannot give a verdict, in the browser's way or through the API.
+    let r = http
+        .post(format!("{console}/cases/h-1/verdict"))
+        .header("cookie", &vic)
+        .form(&[("label", "FRAUD"), ("csrf", vic_csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("needs the analyst role"));
+    let journal = Connection::open_with_flags(
+        dir.path().join("data/journal.db"),
+        OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let labels: i64 = journal
+        .query_row("SELECT COUNT(*) FROM feedback", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(labels, 0);
+    // The API's analyst can.
+    let r = http
+        .post(format!("{console}/api/v1/cases/h-1/verdict"))
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({"label": "LEGITIMATE"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["applied"].as_bool(), v["by"].as_str()),
+        (Some(true), Some("ana"))
+    );
+
+    // Guessing passwords: five wrong tries, then refused even with the right one.
+    for _ in 0..5 {
+        let r = http
+            .post(format!("{console}/login"))
+            .form(&[("name", "vic"), ("password", "wrong")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let r = http
+        .post(format!("{console}/login"))
+        .form(&[("name", "vic"), ("password", "vic-password-1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+}
