@@ -27,9 +27,11 @@ fn setup(dir: &Path) -> Vec<String> {
         &users,
         format!(
             "[[user]]\nname = \"ana\"\nrole = \"analyst\"\npassword = \"{}\"\ntoken = \"{API_TOKEN}\"\n\
-             [[user]]\nname = \"vic\"\nrole = \"viewer\"\npassword = \"{}\"\n",
+             [[user]]\nname = \"vic\"\nrole = \"viewer\"\npassword = \"{}\"\n\
+             [[user]]\nname = \"ada\"\nrole = \"admin\"\npassword = \"{}\"\n",
             hash_password("ana-password-1").unwrap(),
-            hash_password("vic-password-1").unwrap()
+            hash_password("vic-password-1").unwrap(),
+            hash_password("ada-password-1").unwrap()
         ),
     )
     .unwrap();
@@ -109,8 +111,11 @@ async fn screenshot(client: &Client, name: &str) {
 }
 
 async fn text(client: &Client, css: &str) -> String {
+    // Waits for the element: a click that navigates returns before the next page is there.
     client
-        .find(Locator::Css(css))
+        .wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("no {css}: {e}"))
         .text()
@@ -406,4 +411,110 @@ async fn the_console_refuses_strangers_forgeries_viewers_and_guessers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
+}
+
+async fn log_in(c: &Client, console: &str, name: &str, password: &str) {
+    c.goto(&format!("{console}/login")).await.unwrap();
+    c.find(Locator::Id("name"))
+        .await
+        .unwrap()
+        .send_keys(name)
+        .await
+        .unwrap();
+    c.find(Locator::Id("password"))
+        .await
+        .unwrap()
+        .send_keys(password)
+        .await
+        .unwrap();
+    c.find(Locator::Id("login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .for_element(Locator::Id("queue-depth"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_writes_a_rule_with_its_backtest_and_sees_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let console = format!("http://{}", server.metrics.expect("the HTTP listener"));
+    let mut scorer = server.client().await;
+    for i in 0..20i64 {
+        let t = tx(
+            &format!("r-{i}"),
+            &format!("acct-{}", i % 4),
+            "m-1",
+            1_000 + i * 500,
+            i * 60,
+        );
+        scorer.score(req(t)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = browser().await;
+    let c = &b.client;
+    log_in(c, &console, "ada", "ada-password-1").await;
+    c.goto(&format!("{console}/rules")).await.unwrap();
+    let fill = |id: &'static str, value: &'static str| async move {
+        let field = c.find(Locator::Id(id)).await.unwrap();
+        field.clear().await.unwrap();
+        field.send_keys(value).await.unwrap();
+    };
+    fill("rule-id", "big").await;
+    fill("rule-description", "over 60 EUR").await;
+    // A mistake is refused where it is, and the form keeps what was typed.
+    fill("rule-expression", "tx.amount > 60.0 && features.nope > 1.0").await;
+    c.find(Locator::Id("rule-save"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let error = text(c, "#rule-error").await;
+    assert!(
+        error.contains("unknown feature 'nope'") && error.contains("column"),
+        "{error}"
+    );
+    fill("rule-expression", "tx.amount > 60.0").await;
+    c.find(Locator::Id("rule-test"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let backtest = text(c, "#backtest").await;
+    assert!(backtest.starts_with("20 decisions"), "{backtest}");
+    // Amounts 10.00 + 5.00 i EUR: above 60 for i = 11..19.
+    assert_eq!(text(c, "#hits-1").await, "9");
+    screenshot(c, "rules").await;
+    c.find(Locator::Id("rule-save"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(text(c, "#flash").await.contains("big version 1"));
+    assert!(text(c, "#rules").await.contains("tx.amount > 60.0"));
+    // In force: the next payment above 60 EUR is reviewed by the rule (shadow by default).
+    let r = scorer
+        .score(req(tx("r-x", "acct-1", "m-1", 9_000, 3_600)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.reasons.iter().all(|r| r.code != "RULE"),
+        "shadow: {:?}",
+        r.reasons
+    );
+    let listed = text(c, "#rules").await;
+    assert!(listed.contains("SHADOW"), "{listed}");
+
+    c.goto(&format!("{console}/models")).await.unwrap();
+    assert!(text(c, "#models").await.contains("serving"));
+    screenshot(c, "models").await;
 }

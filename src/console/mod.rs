@@ -15,6 +15,7 @@
 //! Shared as `Arc<Console>`; what it serves arrives through a cell once start-up has made
 //! the node (until then pages answer 503).
 
+mod admin_pages;
 pub mod cases;
 mod pages;
 pub mod session;
@@ -98,6 +99,14 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/cases/{id}/note", post(pages::note))
         .route("/cases/{id}/escalate", post(pages::escalate))
         .route("/search", get(pages::search))
+        .route(
+            "/rules",
+            get(admin_pages::rules).post(admin_pages::put_rule),
+        )
+        .route("/lists", post(admin_pages::list_entry))
+        .route("/models", get(admin_pages::models))
+        .route("/models/promote", post(admin_pages::promote))
+        .route("/models/rollback", post(admin_pages::rollback))
         .route("/static/console.css", get(pages::stylesheet))
         .route("/api/v1/review-queue", get(pages::api_queue))
         .route("/api/v1/cases/{id}", get(pages::api_case))

@@ -29,7 +29,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(Failure::from)
 }
 
-fn render(page: impl Template) -> Response {
+pub(super) fn render(page: impl Template) -> Response {
     match page.render() {
         Ok(html) => Html(html).into_response(),
         Err(e) => (
@@ -150,10 +150,10 @@ pub async fn login(
 #[derive(Deserialize)]
 pub struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub(super) csrf: String,
 }
 
-fn check_csrf(viewer: &Viewer, given: &str) -> Result<(), Failure> {
+pub(super) fn check_csrf(viewer: &Viewer, given: &str) -> Result<(), Failure> {
     if viewer.session.csrf_ok(given) {
         Ok(())
     } else {
@@ -435,7 +435,7 @@ pub async fn next_case(
 }
 
 /// `id` as one URL path segment.
-fn path_segment(id: &str) -> String {
+pub(super) fn path_segment(id: &str) -> String {
     let mut out = String::with_capacity(id.len());
     for b in id.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
