@@ -378,6 +378,38 @@ impl Metrics {
             .unwrap_or_default()
     }
 
+    /// `rpc`'s latency quantiles `qs` (seconds), read off its histogram: each the upper bound
+    /// of the bucket the quantile falls in (so within a factor of two). None before a call.
+    pub fn latency_quantiles(&self, rpc: &str, qs: &[f64]) -> Option<Vec<f64>> {
+        let h = self.latency.get_metric_with_label_values(&[rpc]).ok()?;
+        let total = h.get_sample_count();
+        if total == 0 {
+            return None;
+        }
+        use prometheus::core::Collector;
+        let family = h.collect();
+        let buckets: Vec<(f64, u64)> = family
+            .first()?
+            .get_metric()
+            .first()?
+            .get_histogram()
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect();
+        Some(
+            qs.iter()
+                .map(|q| {
+                    let rank = (q * total as f64).ceil() as u64;
+                    buckets
+                        .iter()
+                        .find(|(_, c)| *c >= rank)
+                        .map_or(f64::INFINITY, |(u, _)| *u)
+                })
+                .collect(),
+        )
+    }
+
     /// The exposition, with the scrape-time gauges read now.
     pub fn render(&self) -> anyhow::Result<String> {
         let _scrape = self.scrape.lock();

@@ -167,6 +167,8 @@ async fn an_analyst_logs_in_works_the_queue_and_gives_a_verdict_in_the_browser()
         .await
         .unwrap();
     assert_eq!(text(c, "#queue-depth").await, "3");
+    let latency = text(c, "#latency").await;
+    assert!(latency.starts_with("Latency Score: p50 <="), "{latency}");
     screenshot(c, "overview").await;
 
     c.goto(&format!("{console}/queue")).await.unwrap();

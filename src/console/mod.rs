@@ -56,6 +56,9 @@ pub struct Console {
     /// `Secure` on the session cookie (the console is reached over TLS).
     pub secure_cookie: bool,
     pub parts: OnceLock<Served>,
+    /// Decisions per minute by outcome (allow, review, deny), the last hour, oldest first:
+    /// (minute since the epoch, counts at its start).
+    minutes: parking_lot::Mutex<std::collections::VecDeque<(i64, [u64; 3])>>,
 }
 
 impl Console {
@@ -66,7 +69,37 @@ impl Console {
             metrics,
             secure_cookie,
             parts: OnceLock::new(),
+            minutes: parking_lot::Mutex::default(),
         }
+    }
+
+    /// Records the decision counters at the start of this minute (called every few
+    /// seconds; keeps the last hour).
+    pub fn sample(&self) {
+        let minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64 / 60);
+        let mut minutes = self.minutes.lock();
+        if minutes.back().is_some_and(|(m, _)| *m == minute) {
+            return;
+        }
+        minutes.push_back((minute, self.metrics.decision_counts().map(|(_, n)| n)));
+        while minutes.len() > 61 {
+            minutes.pop_front();
+        }
+    }
+
+    /// Decisions in each of the last minutes by outcome, oldest first, the current
+    /// (partial) minute last.
+    pub fn per_minute(&self) -> Vec<(i64, [u64; 3])> {
+        let minutes = self.minutes.lock();
+        let now = self.metrics.decision_counts().map(|(_, n)| n);
+        let mut out = Vec::with_capacity(minutes.len());
+        for (i, (minute, at)) in minutes.iter().enumerate() {
+            let next = minutes.get(i + 1).map_or(now, |(_, n)| *n);
+            out.push((*minute, [0, 1, 2].map(|k| next[k].saturating_sub(at[k]))));
+        }
+        out
     }
 
     fn parts(&self) -> Result<&Served, Failure> {

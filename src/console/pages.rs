@@ -193,6 +193,8 @@ struct OverviewPage<'a> {
     precision: Vec<(&'static str, i64, i64, String)>,
     drift: Vec<(String, String)>,
     histogram: String,
+    per_minute: String,
+    latency: String,
 }
 
 pub async fn overview(
@@ -245,7 +247,58 @@ pub async fn overview(
             .map(|(n, p)| (n, format!("{p:.4}")))
             .collect(),
         histogram: histogram_svg(&console.metrics.score_buckets()),
+        per_minute: per_minute_svg(&console.per_minute()),
+        latency: ["Score", "ScoreStream"]
+            .iter()
+            .filter_map(|rpc| {
+                let q = console.metrics.latency_quantiles(rpc, &[0.5, 0.99])?;
+                Some(format!(
+                    "{rpc}: p50 <= {:.0} us, p99 <= {:.0} us",
+                    q[0] * 1e6,
+                    q[1] * 1e6
+                ))
+            })
+            .collect::<Vec<_>>()
+            .join(" · "),
     }))
+}
+
+/// Decisions per minute, stacked by outcome (allow, review, deny), the last hour.
+fn per_minute_svg(minutes: &[(i64, [u64; 3])]) -> String {
+    let max = minutes
+        .iter()
+        .map(|(_, c)| c.iter().sum::<u64>())
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let (h, step) = (120.0, 12.0);
+    let mut svg = format!(
+        r#"<svg id="per-minute" width="{}" height="{}" role="img" aria-label="decisions per minute">"#,
+        (minutes.len().max(1) as f64) * step + 60.0,
+        h + 20.0
+    );
+    for (i, (minute, counts)) in minutes.iter().enumerate() {
+        let x = i as f64 * step + 4.0;
+        let mut y = h;
+        for (k, class) in ["allow", "review", "deny"].iter().enumerate() {
+            let bh = counts[k] as f64 / max * h;
+            y -= bh;
+            let _ = write!(
+                svg,
+                r#"<rect class="{class}" x="{x}" y="{y:.1}" width="{:.1}" height="{bh:.1}"><title>minute {minute}: {} {class}</title></rect>"#,
+                step - 2.0,
+                counts[k]
+            );
+        }
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="4" y="{}">last {} min, max {} a minute</text></svg>"#,
+        h + 16.0,
+        minutes.len(),
+        max as u64
+    );
+    svg
 }
 
 /// The score histogram as an SVG bar chart (counts per bucket, not cumulative).

@@ -213,10 +213,15 @@ pub async fn run(
     let sweeper = {
         let console = Arc::clone(&console);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            let mut ticks = 0u64;
             loop {
                 tick.tick().await;
-                console.sessions.sweep();
+                console.sample();
+                ticks += 1;
+                if ticks.is_multiple_of(12) {
+                    console.sessions.sweep();
+                }
             }
         })
     };
