@@ -274,7 +274,7 @@ fn per_minute_svg(minutes: &[(i64, [u64; 3])]) -> String {
     let (h, step) = (120.0, 12.0);
     let mut svg = format!(
         r#"<svg id="per-minute" width="{}" height="{}" role="img" aria-label="decisions per minute">"#,
-        (minutes.len().max(1) as f64) * step + 60.0,
+        ((minutes.len().max(1) as f64) * step + 60.0).max(260.0),
         h + 20.0
     );
     for (i, (minute, counts)) in minutes.iter().enumerate() {
