@@ -344,6 +344,32 @@ async fn the_console_refuses_strangers_forgeries_viewers_and_guessers() {
     assert_eq!(api.status(), 200);
     let queue: serde_json::Value = api.json().await.unwrap();
     assert_eq!(queue[0]["transaction_id"], "h-1");
+    // The filters: by merchant, by event time.
+    for (query, n) in [
+        ("merchant=m-1", 1),
+        ("merchant=m-2", 0),
+        ("from=2025-03-01", 1),
+        ("to=2025-03-01", 0),
+        ("min_score=x", -1),
+    ] {
+        let r = http
+            .get(format!("{console}/api/v1/review-queue?{query}"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if n < 0 {
+            assert_eq!(r.status(), 400, "{query}");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert!(
+                body["error"].as_str().unwrap().starts_with("min_score:"),
+                "{body}"
+            );
+            continue;
+        }
+        let rows: Vec<serde_json::Value> = r.json().await.unwrap();
+        assert_eq!(rows.len(), n as usize, "{query}");
+    }
 
     // A POST without its CSRF token (or with another session's) changes nothing.
     let ana = login(&http, &console, "ana", "ana-password-1").await;

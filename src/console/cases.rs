@@ -51,6 +51,10 @@ pub struct Filter {
     pub reason: Option<String>,
     /// Also DENY decisions, not only REVIEW.
     pub include_denied: bool,
+    /// Event time from (inclusive) and to (exclusive), RFC 3339 or a prefix of it
+    /// (`2025-05-02`, `2025-05-02T10`): compared as the journal's UTC text.
+    pub from: Option<String>,
+    pub to: Option<String>,
 }
 
 /// One decision in the queue or in a list of payments.
@@ -207,6 +211,7 @@ impl Cases {
              WHERE {} AND d.score >= ?1 AND d.amount_minor >= ?2 \
              AND (?3 IS NULL OR d.merchant_id = ?3) \
              AND (?4 IS NULL OR d.reasons LIKE '%\"code\":\"' || ?4 || '\"%') \
+             AND (?6 IS NULL OR d.event_time >= ?6) AND (?7 IS NULL OR d.event_time < ?7) \
              ORDER BY d.seq LIMIT ?5",
             open_cases(filter.include_denied)
         );
@@ -218,7 +223,9 @@ impl Cases {
                     filter.min_amount_minor.unwrap_or(0),
                     filter.merchant_id,
                     filter.reason,
-                    limit as i64
+                    limit as i64,
+                    filter.from,
+                    filter.to
                 ],
                 payment,
             )?

@@ -391,6 +391,10 @@ pub struct QueueQuery {
     reason: String,
     #[serde(default)]
     denied: String,
+    #[serde(default)]
+    from: String,
+    #[serde(default)]
+    to: String,
 }
 
 /// The filters as the form shows them.
@@ -400,6 +404,8 @@ pub struct FilterView {
     merchant: String,
     reason: String,
     denied: bool,
+    from: String,
+    to: String,
 }
 
 impl QueueQuery {
@@ -420,6 +426,8 @@ impl QueueQuery {
             merchant_id: text(&self.merchant),
             reason: text(&self.reason),
             include_denied: !self.denied.is_empty(),
+            from: text(&self.from),
+            to: text(&self.to),
         })
     }
 
@@ -430,6 +438,8 @@ impl QueueQuery {
             merchant: self.merchant.clone(),
             reason: self.reason.clone(),
             denied: !self.denied.is_empty(),
+            from: self.from.clone(),
+            to: self.to.clone(),
         }
     }
 }
