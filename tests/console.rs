@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -57,19 +58,30 @@ async fn start(dir: &Path) -> ServerProcess {
 struct Browser {
     driver: Child,
     client: Client,
+    /// Chromium's profile, removed with the browser.
+    _profile: tempfile::TempDir,
 }
 
 impl Drop for Browser {
+    /// chromedriver and the Chromium it started share a process group of their own: all of
+    /// it goes, even when a test fails half way.
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        // SAFETY: killpg has no memory-safety preconditions; the group is the driver's own.
+        unsafe {
+            libc::killpg(self.driver.id() as libc::pid_t, libc::SIGKILL);
+        }
         let _ = self.driver.wait();
     }
 }
 
 async fn browser() -> Browser {
     let port = free_port();
+    // Chromium's profile and scratch files, removed with the browser.
+    let profile = tempfile::tempdir().unwrap();
     let driver = Command::new("chromedriver")
+        .env("TMPDIR", profile.path())
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -81,7 +93,8 @@ async fn browser() -> Browser {
         "goog:chromeOptions".into(),
         serde_json::json!({
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", "--window-size=1280,1100"],
+                     "--disable-dev-shm-usage", "--window-size=1280,1100",
+                     format!("--user-data-dir={}", profile.path().display())],
         }),
     );
     let mut last = None;
@@ -91,7 +104,13 @@ async fn browser() -> Browser {
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
         {
-            Ok(client) => return Browser { driver, client },
+            Ok(client) => {
+                return Browser {
+                    driver,
+                    client,
+                    _profile: profile,
+                }
+            }
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
