@@ -298,7 +298,11 @@ impl Checker<'_> {
     fn error(&self, at: &IdedExpr, message: impl std::fmt::Display) -> CompileError {
         let place = match self.info.offset_for(at.id) {
             Some((start, _)) => {
-                let before = &self.info.source[..(start as usize).min(self.info.source.len())];
+                // A byte offset at a token's start: a character boundary (`get` makes sure).
+                let source = &self.info.source;
+                let before = source
+                    .get(..(start as usize).min(source.len()))
+                    .unwrap_or(source);
                 let line = before.matches('\n').count() + 1;
                 let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
                 format!("at line {line}, column {column}: ")
@@ -946,6 +950,11 @@ mod tests {
         let err = run("tx.amount > 1.0 && features.acct_cnt_1h > 2.0").unwrap_err();
         assert!(
             err.contains("unknown feature 'acct_cnt_1h'") && err.contains("column 20"),
+            "{err}"
+        );
+        let err = run("tx.country == 'é€' && features.nope > 1.0").unwrap_err();
+        assert!(
+            err.contains("unknown feature 'nope'") && err.contains("column 23"),
             "{err}"
         );
         let err = run("tx.amont > 1.0").unwrap_err();
