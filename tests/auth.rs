@@ -306,6 +306,12 @@ async fn a_promotion_records_the_admin_tokens_name_never_the_token() {
     let status = admin.promote(r).await.unwrap().into_inner();
     assert_eq!(status.model.unwrap().version, &*model.version);
     server.stop().await.unwrap();
+    // Stopped means closed: every connection to the journal's file is gone (the last one
+    // folds and removes the WAL).
+    assert!(
+        !data.join("journal.db-wal").exists(),
+        "the journal was left open"
+    );
 
     let registry: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("models/registry.json")).unwrap())

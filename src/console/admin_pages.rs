@@ -181,7 +181,8 @@ fn rules_page(
     error: Option<String>,
     test: Option<TestView>,
 ) -> Result<Response, Failure> {
-    let admin = &console.parts()?.rules;
+    let parts = console.parts()?;
+    let admin = &parts.rules;
     let (version, rules) = admin.rules();
     let stats = admin.book().stats();
     let count = |id: &str, f: fn(&crate::rules::RuleStats) -> &std::sync::atomic::AtomicU64| {
@@ -340,7 +341,8 @@ pub async fn list_entry(
 ) -> Result<Response, Failure> {
     check_csrf(&viewer, &form.csrf)?;
     viewer.require(Role::Admin)?;
-    let admin = &console.parts()?.rules;
+    let parts = console.parts()?;
+    let admin = &parts.rules;
     let by = &viewer.session.user;
     let done = if form.op == "remove" {
         admin

@@ -22,7 +22,7 @@ pub mod session;
 pub mod users;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
@@ -55,7 +55,9 @@ pub struct Console {
     pub metrics: Arc<Metrics>,
     /// `Secure` on the session cookie (the console is reached over TLS).
     pub secure_cookie: bool,
-    pub parts: OnceLock<Served>,
+    /// Set once start-up has made the node; taken back at shutdown, so the node's last
+    /// holder can close its journal.
+    parts: parking_lot::RwLock<Option<Arc<Served>>>,
     /// Decisions per minute by outcome (allow, review, deny), the last hour, oldest first:
     /// (minute since the epoch, counts at its start).
     minutes: parking_lot::Mutex<std::collections::VecDeque<(i64, [u64; 3])>>,
@@ -68,7 +70,7 @@ impl Console {
             sessions: Sessions::default(),
             metrics,
             secure_cookie,
-            parts: OnceLock::new(),
+            parts: parking_lot::RwLock::new(None),
             minutes: parking_lot::Mutex::default(),
         }
     }
@@ -102,10 +104,21 @@ impl Console {
         out
     }
 
-    fn parts(&self) -> Result<&Served, Failure> {
+    /// Connects the console to what start-up made.
+    pub fn set_parts(&self, served: Served) {
+        *self.parts.write() = Some(Arc::new(served));
+    }
+
+    /// Disconnects it (shutdown): later pages answer 503.
+    pub fn take_parts(&self) {
+        self.parts.write().take();
+    }
+
+    fn parts(&self) -> Result<Arc<Served>, Failure> {
         self.parts
-            .get()
-            .ok_or_else(|| Failure::Unavailable("fraudgate is starting".into()))
+            .read()
+            .clone()
+            .ok_or_else(|| Failure::Unavailable("fraudgate is starting or stopping".into()))
     }
 
     fn cases(&self) -> Result<Arc<Cases>, Failure> {

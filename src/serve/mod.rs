@@ -204,7 +204,7 @@ pub async fn run(
         }
         _ => None,
     };
-    let _ = console.parts.set(Served {
+    console.set_parts(Served {
         node: Arc::clone(&node),
         models: Arc::clone(&admin),
         rules: Arc::clone(&rules_admin),
@@ -277,6 +277,9 @@ pub async fn run(
     };
     evictor.abort();
     sweeper.abort();
+    // The console's tasks and pages hold the node: let go of it, so the journal can close.
+    let _ = sweeper.await;
+    console.take_parts();
     for task in [&snapshotter, &reloader, &retrainer].into_iter().flatten() {
         task.abort();
     }
@@ -306,7 +309,17 @@ pub async fn run(
         drop(admin);
         drop(admin_cell);
         drop(rules_cell);
+        // A console page still answering holds the node for a moment.
+        let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+        while Arc::strong_count(&node) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let node = Arc::into_inner(node);
+        if node.is_none() {
+            warn!(
+                "the node is still held at shutdown: the journal is left to close with the process"
+            );
+        }
         if let Some(journal) = node.and_then(|n| n.into_journal()) {
             tokio::task::spawn_blocking(move || journal.close())
                 .await
