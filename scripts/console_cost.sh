@@ -30,8 +30,9 @@ printf '[[user]]\nname = "ana"\nrole = "analyst"\npassword = "%s"\n' "$hash" >"$
 "$BIN" serve --listen "$ADDR" --http-listen "$HTTP" --data-dir "$work/data" \
     --console-users "$work/users.toml" 2>"$work/server.log" &
 server=$!
-for _ in $(seq 100); do
-    curl -sf "http://$HTTP/login" >/dev/null 2>&1 && break
+# Serving once start-up has made the journal (the HTTP listener answers before that).
+for _ in $(seq 300); do
+    grep -q 'serving addr=' "$work/server.log" 2>/dev/null && break
     kill -0 "$server" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
     sleep 0.2
 done

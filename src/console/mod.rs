@@ -61,6 +61,9 @@ pub struct Console {
     /// Decisions per minute by outcome (allow, review, deny), the last hour, oldest first:
     /// (minute since the epoch, counts at its start).
     minutes: parking_lot::Mutex<std::collections::VecDeque<(i64, [u64; 3])>>,
+    /// The queue's depth and oldest case, counted in the background every few seconds (a
+    /// count over every open case is too slow for a page that refreshes itself).
+    depth: parking_lot::Mutex<Option<(u64, Option<String>)>>,
 }
 
 impl Console {
@@ -72,7 +75,28 @@ impl Console {
             secure_cookie,
             parts: parking_lot::RwLock::new(None),
             minutes: parking_lot::Mutex::default(),
+            depth: parking_lot::Mutex::default(),
         }
+    }
+
+    /// Counts the queue again (off the async workers); the overview shows the last count.
+    pub async fn refresh_depth(&self) {
+        let Ok(cases) = self.cases() else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || cases.depth()).await {
+            Ok(Ok(depth)) => *self.depth.lock() = Some(depth),
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "counting the review queue"),
+            Err(e) => tracing::warn!(error = %e, "counting the review queue"),
+        }
+    }
+
+    /// The last count of the queue, counting it now if there is none yet.
+    pub async fn depth(&self) -> Option<(u64, Option<String>)> {
+        if self.depth.lock().is_none() {
+            self.refresh_depth().await;
+        }
+        self.depth.lock().clone()
     }
 
     /// Records the decision counters at the start of this minute (called every few

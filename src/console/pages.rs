@@ -202,12 +202,9 @@ pub async fn overview(
     viewer: Viewer,
 ) -> Result<Response, Failure> {
     let parts = console.parts()?;
-    let (queue_depth, oldest) = match console.cases() {
-        Ok(cases) => {
-            let (n, oldest) = blocking(move || cases.depth()).await?;
-            (n.to_string(), oldest)
-        }
-        Err(_) => ("no journal".into(), None),
+    let (queue_depth, oldest) = match console.depth().await {
+        Some((n, oldest)) => (n.to_string(), oldest),
+        None => ("no journal".into(), None),
     };
     let status = parts.models.current();
     let precision = [Decision::Review, Decision::Deny, Decision::Allow]

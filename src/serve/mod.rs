@@ -218,6 +218,7 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 console.sample();
+                console.refresh_depth().await;
                 ticks += 1;
                 if ticks.is_multiple_of(12) {
                     console.sessions.sweep();
