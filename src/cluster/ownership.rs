@@ -28,6 +28,8 @@ use crate::stream::{Ingest, Kind};
 
 /// How often a node looks at the buckets.
 const TICK: Duration = Duration::from_millis(500);
+/// Longest a role may take to finish its batch when it is stopped.
+const FINISH_WITHIN: Duration = Duration::from_secs(10);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// A role a node can own: routing, or scoring one partition.
@@ -311,10 +313,20 @@ async fn resume_at_ack_floor(shared: &Shared, source: &Source) -> anyhow::Result
     Ok(Some(floor + 1))
 }
 
-/// Stops a role after the batch in hand.
-async fn finish(r: Running) {
+/// Stops a role after the batch in hand, or, if the batch does not end within
+/// [`FINISH_WITHIN`], where it is: its unacknowledged inputs are delivered again to the next
+/// owner, which answers what the ledger already holds from its rebuild. Bounded, because one
+/// stuck role must not hold up the tick that hands every other role over.
+async fn finish(mut r: Running) {
     let _ = r.stop.send(true);
-    let _ = r.task.await;
+    if tokio::time::timeout(FINISH_WITHIN, &mut r.task)
+        .await
+        .is_err()
+    {
+        warn!(within = ?FINISH_WITHIN, "a role did not finish its batch in time: aborted");
+        r.task.abort();
+        let _ = r.task.await;
+    }
 }
 
 /// Drops the accounts of a partition this node no longer runs: the next owner's copy is the
