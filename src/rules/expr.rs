@@ -220,8 +220,6 @@ impl Lit {
 #[derive(Debug)]
 pub struct Compiled {
     root: Node,
-    /// The lists it asks, by slot.
-    lists: Vec<usize>,
 }
 
 impl Compiled {
@@ -252,11 +250,7 @@ impl Compiled {
                     None => "syntax error".into(),
                 },
             })?;
-        let mut checker = Checker {
-            info: &info,
-            lists,
-            used_lists: Vec::new(),
-        };
+        let mut checker = Checker { info: &info, lists };
         let (root, ty) = checker.compile(&expr)?;
         if ty != Type::Bool {
             return Err(CompileError {
@@ -266,8 +260,7 @@ impl Compiled {
                 ),
             });
         }
-        let lists = checker.used_lists;
-        Ok(Compiled { root, lists })
+        Ok(Compiled { root })
     }
 
     /// Whether the rule hits this payment.
@@ -278,11 +271,6 @@ impl Compiled {
             _ => Ok(false),
         }
     }
-
-    /// The slots of the lists this expression asks.
-    pub fn lists(&self) -> &[usize] {
-        &self.lists
-    }
 }
 
 /// A compiled node and its type.
@@ -291,7 +279,6 @@ type Typed = (Node, Type);
 struct Checker<'a> {
     info: &'a SourceInfo,
     lists: &'a Lists,
-    used_lists: Vec<usize>,
 }
 
 impl Checker<'_> {
@@ -656,9 +643,6 @@ impl Checker<'_> {
                 };
                 let (value, t) = self.compile(&call.args[1])?;
                 self.expect(e, t, Type::String, "in_list's value")?;
-                if !self.used_lists.contains(&slot) {
-                    self.used_lists.push(slot);
-                }
                 Ok((Node::InList(slot, Box::new(value)), Type::Bool))
             }
             operators::INDEX | operators::OPT_INDEX | operators::OPT_SELECT => {

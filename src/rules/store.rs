@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use parking_lot::Mutex;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde_json::json;
 
 use super::lists::{self, Entry, Key, ListKind};
@@ -311,16 +311,6 @@ impl Store {
             })?
             .collect::<Result<_, _>>()?;
         Ok(out)
-    }
-
-    /// The stored version of rule `id`, if it was ever stored.
-    pub fn stored_version(&self, id: &str) -> anyhow::Result<Option<u32>> {
-        let conn = self.conn.lock();
-        Ok(conn
-            .query_row("SELECT version FROM rules WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()?)
     }
 }
 
