@@ -101,6 +101,8 @@ pub fn run(
 ) {
     let mut last_prune = Instant::now();
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // `open` leaves the connection at synchronous = FULL.
+    let mut synced_now = true;
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
         drain(&mut jobs, &mut batch);
@@ -110,7 +112,15 @@ pub fn run(
             std::thread::sleep(GATHER);
             drain(&mut jobs, &mut batch);
         }
-        let result = commit(&mut conn, &batch).map_err(|e| format!("{e:#}"));
+        // A commit somebody waits on is synced to disk before they hear of it. One nobody
+        // waits on (async decisions) is written to the WAL without its own fsync: it
+        // survives the process dying (it is in the OS's cache), and the next synced commit
+        // (the next `ReportFeedback`, sync decision or flush) or checkpoint makes it durable
+        // against a power loss too, as the README's table says.
+        let synced = batch.iter().any(waited);
+        let result = set_synced(&conn, &mut synced_now, synced)
+            .and_then(|()| commit(&mut conn, &batch))
+            .map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {
             error!(error = %e, entries = batch.len(), "journal commit failed");
         }
@@ -140,6 +150,17 @@ pub fn run(
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
         error!(error = %e, "journal checkpoint at close failed");
     }
+}
+
+/// Sets `synchronous` to FULL (`synced`) or NORMAL, when it is not so already.
+fn set_synced(conn: &Connection, now: &mut bool, synced: bool) -> anyhow::Result<()> {
+    if *now != synced {
+        let level = if synced { "FULL" } else { "NORMAL" };
+        conn.pragma_update(None, "synchronous", level)
+            .with_context(|| format!("setting synchronous = {level}"))?;
+        *now = synced;
+    }
+    Ok(())
 }
 
 fn drain(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
