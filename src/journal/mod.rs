@@ -12,6 +12,7 @@
 //! order they first happened even though entries reach the writer slightly out of order.
 //! The schema is in `schema.sql` and the README.
 
+mod encode;
 pub mod recover;
 pub mod rule_test;
 mod writer;

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, Transaction};
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
+use super::encode::Buffers;
 use super::{DecisionEntry, Entry, FeedbackEntry, Job, Shared};
 use crate::domain::Label;
 use crate::features::FEATURES;
@@ -84,7 +85,14 @@ fn features_view() -> String {
     let columns: Vec<String> = FEATURES
         .iter()
         .enumerate()
-        .map(|(i, f)| format!("json_extract(features, '$[{i}]') AS {}", f.name))
+        // CAST: whole numbers are stored as `0`, `1`; the view keeps every column REAL, so
+        // an analyst's `x / 2` divides as it did before.
+        .map(|(i, f)| {
+            format!(
+                "CAST(json_extract(features, '$[{i}]') AS REAL) AS {}",
+                f.name
+            )
+        })
         .collect();
     format!(
         "DROP VIEW IF EXISTS decision_features; CREATE VIEW decision_features AS SELECT seq, \
@@ -103,6 +111,7 @@ pub fn run(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // `open` leaves the connection at synchronous = FULL.
     let mut synced_now = true;
+    let mut text = Buffers::default();
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
         drain(&mut jobs, &mut batch);
@@ -119,7 +128,7 @@ pub fn run(
         // against a power loss too, as the README's table says.
         let synced = batch.iter().any(waited);
         let result = set_synced(&conn, &mut synced_now, synced)
-            .and_then(|()| commit(&mut conn, &batch))
+            .and_then(|()| commit(&mut conn, &batch, &mut text))
             .map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {
             error!(error = %e, entries = batch.len(), "journal commit failed");
@@ -180,16 +189,19 @@ fn waited(job: &Job) -> bool {
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[Job]) -> anyhow::Result<()> {
+fn commit(conn: &mut Connection, batch: &[Job], text: &mut Buffers) -> anyhow::Result<()> {
     let tx = conn
         .transaction()
         .context("beginning a journal transaction")?;
+    let mut decision = tx
+        .prepare_cached(INSERT_DECISION)
+        .context("preparing the decision insert")?;
     for job in batch {
         match job {
             Job::Write {
                 entry: Entry::Decision(d),
                 ..
-            } => insert_decision(&tx, d)?,
+            } => insert_decision(&mut decision, text, d)?,
             Job::Write {
                 entry: Entry::Feedback(f),
                 ..
@@ -197,17 +209,8 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> anyhow::Result<()> {
             Job::Flush(_) => {}
         }
     }
+    drop(decision);
     tx.commit().context("committing to the journal")
-}
-
-/// A reason as the journal stores it.
-#[derive(serde::Serialize)]
-struct ReasonJson<'a> {
-    code: &'static str,
-    feature: &'a str,
-    value: f64,
-    contribution: f64,
-    text: &'a str,
 }
 
 pub fn now_ms() -> i64 {
@@ -216,69 +219,60 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn insert_decision(tx: &Transaction, d: &DecisionEntry) -> anyhow::Result<()> {
+const INSERT_DECISION: &str = "INSERT INTO decisions (seq, transaction_id, account_id, \
+     merchant_id, amount_minor, currency, event_time, event_seconds, event_nanos, channel, \
+     merchant_category_code, country, device_id, ip_address, decision, score, anomaly_score, \
+     classifier_score, reasons, features, model_version, scored_at_ms, rules_version, \
+     policy_decision, rule_hits) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+     ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
+
+fn insert_decision(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    text: &mut Buffers,
+    d: &DecisionEntry,
+) -> anyhow::Result<()> {
     let t = &d.transaction;
     let (seconds, nanos) = t
         .event_time
         .as_ref()
         .map_or((0, 0), |ts| (ts.seconds, ts.nanos));
-    let event_time = chrono::DateTime::from_timestamp(seconds, nanos as u32)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-        .unwrap_or_default();
     let channel =
         proto::Channel::try_from(t.channel).map_or("CHANNEL_UNSPECIFIED", |c| c.as_str_name());
     let s = &d.scored;
-    let reasons: Vec<ReasonJson> = s
-        .reasons
-        .iter()
-        .map(|r| ReasonJson {
-            code: r.code,
-            feature: &r.feature,
-            value: r.value,
-            contribution: r.contribution,
-            text: &r.text,
-        })
-        .collect();
-    let reasons = serde_json::to_string(&reasons).context("encoding reasons")?;
-    // An array in FEATURES order (the view `decision_features` names the columns); NaN or
-    // infinity cannot occur (features are finite by construction) and would encode as null.
-    let features = serde_json::to_string(&d.features[..]).context("encoding features")?;
-    tx.prepare_cached(
-        "INSERT INTO decisions (seq, transaction_id, account_id, merchant_id, amount_minor, \
-         currency, event_time, event_seconds, event_nanos, channel, merchant_category_code, \
-         country, device_id, ip_address, decision, score, anomaly_score, classifier_score, \
-         reasons, features, model_version, scored_at_ms, rules_version, policy_decision, \
-         rule_hits) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
-         ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
-    )?
-    .execute(params![
-        d.seq as i64,
-        t.transaction_id,
-        t.account_id,
-        t.merchant_id,
-        t.amount_minor,
-        t.currency,
-        event_time,
-        seconds,
-        nanos,
-        channel,
-        t.merchant_category_code,
-        t.country,
-        t.device_id,
-        t.ip_address,
-        s.decision.name(),
-        s.score,
-        s.anomaly_score,
-        s.classifier_score,
-        reasons,
-        features,
-        &*s.model_version,
-        d.scored_at_ms,
-        d.rules.version as i64,
-        d.policy_decision.name(),
-        super::rule_test::write_hits(&d.rules.hits),
-    ])
-    .with_context(|| format!("journaling decision {}", d.seq))?;
+    let hits = super::rule_test::write_hits(&d.rules.hits);
+    // Each buffer is bound (copied by SQLite) before the next is written.
+    stmt.raw_bind_parameter(7, text.event_time(seconds, nanos))?;
+    stmt.raw_bind_parameter(19, text.reasons(&s.reasons))?;
+    stmt.raw_bind_parameter(20, text.features(&d.features))?;
+    let p = [
+        (1, &(d.seq as i64) as &dyn rusqlite::ToSql),
+        (2, &t.transaction_id),
+        (3, &t.account_id),
+        (4, &t.merchant_id),
+        (5, &t.amount_minor),
+        (6, &t.currency),
+        (8, &seconds),
+        (9, &nanos),
+        (10, &channel),
+        (11, &t.merchant_category_code),
+        (12, &t.country),
+        (13, &t.device_id),
+        (14, &t.ip_address),
+        (15, &s.decision.name()),
+        (16, &s.score),
+        (17, &s.anomaly_score),
+        (18, &s.classifier_score),
+        (21, &&*s.model_version),
+        (22, &d.scored_at_ms),
+        (23, &(d.rules.version as i64)),
+        (24, &d.policy_decision.name()),
+        (25, &hits),
+    ];
+    for (i, v) in p {
+        stmt.raw_bind_parameter(i, v)?;
+    }
+    stmt.raw_execute()
+        .with_context(|| format!("journaling decision {}", d.seq))?;
     Ok(())
 }
 
