@@ -23,6 +23,10 @@ use fraudgate::policy::{Policy, PolicyFile};
 use fraudgate::proto;
 use fraudgate::wire::parse::{self, ParseLimits};
 
+/// The server's allocator: entries are allocated on a caller's thread and freed on the writer's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ACCOUNTS: usize = 100_000;
 const WARM: usize = 200_000;
 /// Decisions handed to the queue per tick, and the tick: 40,000 a second.

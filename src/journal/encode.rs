@@ -8,8 +8,6 @@
 //! `null`, as before. Reasons: the same objects `serde_json` wrote before, strings escaped
 //! by `serde_json`.
 
-use std::fmt::Write as _;
-
 use crate::domain::Reason;
 use crate::features::FeatureVector;
 
@@ -75,7 +73,9 @@ impl Buffers {
     pub fn event_time(&mut self, seconds: i64, nanos: i32) -> &str {
         self.event_time.clear();
         if let Some(t) = chrono::DateTime::from_timestamp(seconds, nanos as u32) {
-            let _ = write!(self.event_time, "{}", t.format("%Y-%m-%dT%H:%M:%S%.fZ"));
+            // chrono's RFC 3339 writer, several times quicker than a format string.
+            self.event_time
+                .push_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
         }
         &self.event_time
     }
