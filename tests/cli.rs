@@ -36,6 +36,33 @@ async fn serve_shuts_down_cleanly_on_sigint() {
     shuts_down_cleanly_on("-INT").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_threads_choose_the_runtime_and_each_serves() {
+    for (n, kind) in [("1", "current-thread"), ("3", "multi-thread")] {
+        let mut server = ServerProcess::start(&["--ephemeral", "--io-threads", n]).await;
+        let mut client = server.client().await;
+        for i in 0..20 {
+            let t = common::tx(&format!("rt-{n}-{i}"), "acct-rt", "m-rt", 1_000 + i, i);
+            let resp = client.score(common::req(t)).await.unwrap().into_inner();
+            assert_eq!(resp.transaction_id, format!("rt-{n}-{i}"));
+        }
+        server.signal("-TERM");
+        let (status, log) = server.wait_exit(Duration::from_secs(20));
+        assert!(status.success(), "exit {status}: {log}");
+        assert!(
+            log.contains(&format!("runtime: {kind}, {n} thread(s)")),
+            "--io-threads {n}: {log}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--ephemeral", "--io-threads", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--io-threads"), "{err}");
+}
+
 #[test]
 fn serve_refuses_a_model_with_other_features() {
     let dir = tempfile::tempdir().unwrap();

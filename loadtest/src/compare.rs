@@ -30,6 +30,8 @@ pub struct CompareConfig {
     /// How fraudgate journals: as it ships (`async`), `sync`, or not at all (`off`). Each
     /// fraudgate start gets a fresh data directory, removed afterwards.
     pub journal: JournalMode,
+    /// Both servers' `--io-threads` (None: fraudgate's default).
+    pub io_threads: Option<std::num::NonZeroUsize>,
 }
 
 /// fraudgate's journal setting during a comparison.
@@ -123,6 +125,9 @@ async fn start(
             (c, "loadtest ceiling-server".to_owned())
         }
     };
+    if let Some(n) = cfg.io_threads {
+        command.args(["--io-threads", &n.to_string()]);
+    }
     let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -40,6 +40,9 @@ enum Command {
     CeilingServer {
         #[arg(long, default_value = "127.0.0.1:50052")]
         listen: std::net::SocketAddr,
+        /// The runtime, as `fraudgate serve --io-threads` (default: the same as fraudgate's).
+        #[arg(long)]
+        io_threads: Option<std::num::NonZeroUsize>,
     },
     /// Start fraudgate and the ceiling server in turn and compare them.
     Compare(CompareArgs),
@@ -58,6 +61,8 @@ enum Command {
         ephemeral: bool,
         #[arg(long, value_enum, default_value = "async")]
         durability: fraudgate::journal::Durability,
+        #[arg(long)]
+        io_threads: Option<std::num::NonZeroUsize>,
     },
 }
 
@@ -175,6 +180,10 @@ struct CompareArgs {
     /// fraudgate's journal: `async` (as it ships), `sync`, or `off`.
     #[arg(long, value_enum, default_value = "async")]
     journal: compare::JournalMode,
+    /// Both servers' runtime threads, as `fraudgate serve --io-threads` (default: what
+    /// fraudgate ships with on this machine).
+    #[arg(long)]
+    io_threads: Option<std::num::NonZeroUsize>,
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -227,8 +236,23 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The two servers run on the runtime `fraudgate serve` builds, so both get the same
+    // choice; the client keeps a multi-thread runtime.
+    let runtime = match &cli.command {
+        Command::CeilingServer { io_threads, .. } | Command::ServeFraudgate { io_threads, .. } => {
+            fraudgate::serve::runtime(*io_threads)
+        }
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+    .context("starting the tokio runtime")?;
+    runtime.block_on(main_on(cli))
+}
+
+async fn main_on(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -236,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Run(args) => run(args).await,
         Command::Stream(args) => {
             let traffic = Traffic::new(
@@ -284,7 +308,7 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::CeilingServer { listen } => {
+        Command::CeilingServer { listen, .. } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -302,6 +326,7 @@ async fn main() -> anyhow::Result<()> {
                 merchants: args.merchants,
                 fraudgate_bin: args.fraudgate_bin,
                 journal: args.journal,
+                io_threads: args.io_threads,
             };
             compare::compare(&cfg).await.map(|_| ())
         }
@@ -310,6 +335,7 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             ephemeral,
             durability,
+            ..
         } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

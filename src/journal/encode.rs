@@ -138,7 +138,10 @@ mod tests {
         }
         let mut b = Buffers::default();
         let text = b.features(&f).to_owned();
-        assert!(text.starts_with("[0,-0.0,1,64,-3,0.1,3.4759955917373415,"), "{text}");
+        assert!(
+            text.starts_with("[0,-0.0,1,64,-3,0.1,3.4759955917373415,"),
+            "{text}"
+        );
         let back: Vec<f64> = serde_json::from_str(&text).expect("JSON");
         assert_eq!(back.len(), N_FEATURES);
         for (a, b) in f.iter().zip(&back) {
@@ -180,8 +183,16 @@ mod tests {
     fn event_times_are_rfc3339() {
         let mut b = Buffers::default();
         assert_eq!(b.event_time(1_735_689_600, 0), "2025-01-01T00:00:00Z");
-        assert_eq!(b.event_time(1_735_689_600, 5_000_000), "2025-01-01T00:00:00.005Z");
-        for (s, n) in [(0, 1), (1_735_689_600, 123_456_000), (-86_400, 999_999_999), (2, 10)] {
+        assert_eq!(
+            b.event_time(1_735_689_600, 5_000_000),
+            "2025-01-01T00:00:00.005Z"
+        );
+        for (s, n) in [
+            (0, 1),
+            (1_735_689_600, 123_456_000),
+            (-86_400, 999_999_999),
+            (2, 10),
+        ] {
             let t = chrono::DateTime::from_timestamp(s, n).expect("in range");
             let chrono_says = t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
             assert_eq!(b.event_time(s, n as i32), chrono_says);

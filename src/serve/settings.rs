@@ -116,6 +116,12 @@ pub struct Settings {
     /// RESOURCE_EXHAUSTED rather than queued.
     #[arg(long, default_value_t = 256)]
     pub max_in_flight_per_connection: usize,
+    /// Threads that serve the doors and score (the tokio runtime's). 1 runs one
+    /// current-thread runtime: no work stealing, no wake-ups across threads. Default: 1 on a
+    /// machine of up to 2 cores (the journal writer and what else runs there get the other
+    /// core), otherwise one per core.
+    #[arg(long)]
+    pub io_threads: Option<std::num::NonZeroUsize>,
     /// Transactions remembered for idempotent retries and feedback.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_tracked_transactions: usize,
