@@ -22,8 +22,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     anomaly_score    REAL    NOT NULL,
     classifier_score REAL    NOT NULL,
     reasons          TEXT    NOT NULL, -- JSON array of {code, feature, value, contribution, text}
-    features         TEXT    NOT NULL, -- JSON array of the feature values as scored, in the
-                                       -- server's feature order (view decision_features names them)
+    features         TEXT    NOT NULL, -- JSON array of the feature values as scored (whole
+                                       -- numbers as integers), in the server's feature order
+                                       -- (view decision_features names them, as REAL)
     model_version    TEXT    NOT NULL,
     scored_at_ms     INTEGER NOT NULL,
     rules_version    INTEGER NOT NULL DEFAULT 0,  -- the rule-set version it was decided under
