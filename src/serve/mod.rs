@@ -418,7 +418,6 @@ pub fn serve(settings: &Settings) -> anyhow::Result<()> {
     let runtime = runtime(settings.io_threads).context("starting the tokio runtime")?;
     let metrics = runtime.metrics();
     info!(
-        threads = metrics.num_workers(),
         "runtime: {}, {} thread(s) (--io-threads)",
         match runtime.handle().runtime_flavor() {
             tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
