@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod handbook;
 pub mod ids;
 pub mod journal;
+pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod nats;

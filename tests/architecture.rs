@@ -91,6 +91,7 @@ fn the_wire_layer_knows_no_door() {
         for door in [
             "crate::grpc",
             "crate::stream",
+            "crate::kafka",
             "crate::cluster",
             "crate::alerts",
             "crate::console",
@@ -127,9 +128,11 @@ fn the_core_knows_no_door() {
                 for door in [
                     "crate::grpc",
                     "crate::stream",
+                    "crate::kafka",
                     "crate::cluster",
                     "crate::wire",
                     "tonic::",
+                    "rdkafka::",
                 ] {
                     assert!(
                         !line.contains(door),

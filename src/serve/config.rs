@@ -72,6 +72,9 @@ pub struct ServeConfig {
     /// Consume transactions and feedback from NATS JetStream and publish decisions and
     /// alerts there (none: no NATS).
     pub nats: Option<NatsConfig>,
+    /// Consume transactions and feedback from Kafka topics and produce decisions there
+    /// (none: no Kafka).
+    pub kafka: Option<crate::kafka::KafkaConfig>,
     /// Cluster mode (with `nats`): this node's name.
     pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Cluster mode: how long a gRPC call waits for its account's owner to answer.

@@ -250,6 +250,16 @@ pub async fn run(
             )),
         }
     });
+    let kafka = config.kafka.clone().map(|kafka| {
+        tokio::spawn(crate::kafka::run(
+            kafka,
+            Arc::clone(&node),
+            config.max_future_skew,
+            config.shadow,
+            Arc::clone(&metrics),
+            ingest_stop.subscribe(),
+        ))
+    });
     let evictor = tokio::spawn(evict_periodically(
         Arc::clone(node.engine()),
         config.evict_every,
@@ -292,7 +302,7 @@ pub async fn run(
     // The stream consumers finish the batch in hand (its messages journaled, published and
     // acknowledged, or left for re-delivery), then the alert sinks deliver what is queued.
     let _ = ingest_stop.send(true);
-    if let Some(task) = ingest {
+    for task in [ingest, kafka].into_iter().flatten() {
         if tokio::time::timeout(config.shutdown_grace, task)
             .await
             .is_err()

@@ -187,6 +187,32 @@ pub struct Settings {
     /// (after a crash, how long the messages in hand take to come back).
     #[arg(long, value_parser = duration, default_value = "10s")]
     pub nats_ack_wait: Duration,
+    /// Kafka bootstrap servers (host:port[,host:port]): consume transactions and feedback
+    /// from Kafka topics and produce decisions there (off by default).
+    #[arg(long, conflicts_with = "cluster_node")]
+    pub kafka: Option<String>,
+    /// Prefix of the Kafka topics (<prefix>.transactions, .feedback, .decisions, .alerts).
+    #[arg(long, default_value = "fraudgate")]
+    pub kafka_prefix: String,
+    /// Kafka consumer group, shared by every fraudgate consuming the same topics (they
+    /// split the partitions).
+    #[arg(long, default_value = "fraudgate")]
+    pub kafka_group: String,
+    /// Encoding of the decisions produced on Kafka (inputs may be either).
+    #[arg(long, value_enum, default_value = "protobuf")]
+    pub kafka_format: crate::codec::Format,
+    /// Most Kafka messages scored together.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub kafka_batch: u32,
+    /// How long a Kafka batch waits to fill once its first message is in.
+    #[arg(long, value_parser = duration, default_value = "5ms")]
+    pub kafka_batch_timeout: Duration,
+    /// Partitions of the Kafka topics fraudgate creates when they are missing.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub kafka_partitions: i32,
+    /// Replication factor of the Kafka topics fraudgate creates.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub kafka_replication: i32,
     /// Run as a node of a cluster (with --nats and --ephemeral): the accounts are split among
     /// the nodes sharing the NATS prefix, and the state lives in JetStream
     /// (docs/SCALING.md). The name must be unique and stable across the node's restarts.
@@ -298,6 +324,19 @@ impl Settings {
                 (None, None) => None,
             },
             nats: self.nats.clone().map(|url| self.nats_config(url)),
+            kafka: self
+                .kafka
+                .clone()
+                .map(|bootstrap| crate::kafka::KafkaConfig {
+                    bootstrap,
+                    prefix: self.kafka_prefix.clone(),
+                    group: self.kafka_group.clone(),
+                    format: self.kafka_format,
+                    batch: self.kafka_batch as usize,
+                    batch_timeout: self.kafka_batch_timeout,
+                    partitions: self.kafka_partitions,
+                    replication: self.kafka_replication,
+                }),
             cluster: self
                 .cluster_node
                 .clone()

@@ -1,6 +1,7 @@
 //! Starts the real server on a free loopback port, in process, and connects clients to it.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod nats;
 pub mod process;
 
