@@ -71,6 +71,8 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Replication factor of the topics the door creates.
     pub replication: i32,
+    /// This instance's stable name in the group (Kafka static membership), if given.
+    pub instance_id: Option<String>,
 }
 
 impl KafkaConfig {
@@ -135,7 +137,9 @@ struct Clients {
     producer: FutureProducer,
 }
 
-/// Where one transaction of a batch stands after scoring.
+/// Where one transaction of a batch stands after scoring. Lives in a batch's `Vec` only
+/// while the batch is handled, so its size matters less than an allocation per message.
+#[allow(clippy::large_enum_variant)]
 enum Scoring {
     Pending {
         id: String,
@@ -190,20 +194,24 @@ impl Door {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
-            .set(
-                "message.timeout.ms",
-                &BROKER_TIMEOUT.as_millis().to_string(),
-            )
+            .set("message.timeout.ms", BROKER_TIMEOUT.as_millis().to_string())
             .create()
             .context("creating the Kafka producer")?;
-        let consumer: StreamConsumer = self
+        let mut consumer = self
             .client_config()
             .set("group.id", &self.config.group)
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .create()
-            .context("creating the Kafka consumer")?;
+            // A member that died (kill -9, a lost machine) holds its partitions this long
+            // before the group gives them to the others.
+            .set("session.timeout.ms", "10000")
+            .to_owned();
+        if let Some(id) = &self.config.instance_id {
+            // Static membership: a restarted instance takes its partitions back at once.
+            consumer.set("group.instance.id", id);
+        }
+        let consumer: StreamConsumer = consumer.create().context("creating the Kafka consumer")?;
         let subscribed: Vec<&str> = names[..2].iter().map(String::as_str).collect();
         consumer
             .subscribe(&subscribed)

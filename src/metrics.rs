@@ -175,7 +175,7 @@ impl Metrics {
         let stream_messages = IntCounterVec::new(
             Opts::new(
                 "stream_messages_total",
-                "Messages taken from a NATS JetStream subject, by subject kind and outcome",
+                "Messages taken from a stream door (NATS JetStream subject or Kafka topic), by kind and outcome",
             ),
             &["stream", "outcome"],
         )?;

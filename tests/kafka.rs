@@ -148,3 +148,199 @@ async fn a_bad_message_gets_an_item_error_naming_the_field_and_feedback_changes_
         "the fraud label never reached the merchant's window"
     );
 }
+
+/// The features of a probe payment on each of `accounts`, scored over gRPC.
+async fn probes(server: &ServerProcess, accounts: &[String], secs: i64) -> Vec<Vec<f32>> {
+    let mut client = server.client().await;
+    let mut out = Vec::new();
+    for a in accounts {
+        let id = format!("probe-{a}");
+        let r = client
+            .score(payment(&id, a, secs))
+            .await
+            .unwrap()
+            .into_inner();
+        out.push(r.features.iter().map(|f| f.value as f32).collect());
+    }
+    out
+}
+
+fn stream_of(accounts: &[String], n: usize) -> Vec<proto::ScoreRequest> {
+    (0..n)
+        .map(|i| payment(&format!("kk-{i}"), &accounts[i % accounts.len()], i as i64))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_stream_and_restarted_loses_nothing_and_changes_state_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let broker = Broker::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let bootstrap = broker.bootstrap();
+    let args = [
+        "--kafka",
+        &bootstrap,
+        "--kafka-partitions",
+        "3",
+        "--kafka-instance-id",
+        "fraudgate-1",
+    ];
+    let mut server = ServerProcess::start_in(data.path(), &args).await;
+    let producer = broker.producer();
+    let reader = broker.reader("fraudgate.decisions");
+    let accounts: Vec<String> = (0..5).map(|i| format!("acct-kill-{i}")).collect();
+    let stream = stream_of(&accounts, 300);
+    // All in at once (each account's in order: keyed by account, one partition each),
+    // and kill -9 as soon as some are decided, with the rest in hand or still to come.
+    let payloads: Vec<(String, Vec<u8>)> = stream[..200]
+        .iter()
+        .map(|r| {
+            (
+                r.transaction.as_ref().unwrap().account_id.clone(),
+                r.encode_to_vec(),
+            )
+        })
+        .collect();
+    let sends = payloads
+        .iter()
+        .map(|(account, p)| produce(&producer, "fraudgate.transactions", account, p));
+    futures::future::join_all(sends).await;
+    let mut got = decisions(&reader, 40, Duration::from_secs(60)).await;
+    server.signal("-KILL");
+    let _ = server.wait_exit(Duration::from_secs(20));
+    for r in &stream[200..] {
+        let account = &r.transaction.as_ref().unwrap().account_id;
+        produce(
+            &producer,
+            "fraudgate.transactions",
+            account,
+            &r.encode_to_vec(),
+        )
+        .await;
+    }
+    let server = ServerProcess::start_in(data.path(), &args).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut ids: std::collections::HashSet<String> = got.iter().map(|(k, _)| k.clone()).collect();
+    while ids.len() < 300 && tokio::time::Instant::now() < deadline {
+        let more = decisions(&reader, 300 - ids.len(), Duration::from_secs(5)).await;
+        ids.extend(more.iter().map(|(k, _)| k.clone()));
+        got.extend(more);
+    }
+    assert_eq!(ids.len(), 300, "every transaction decided");
+    // A decision seen twice (re-delivered) is the same decision.
+    let mut first: HashMap<&str, &proto::ScoreResponse> = HashMap::new();
+    for (k, r) in &got {
+        if let Some(before) = first.insert(k, r) {
+            assert_eq!(before.score, r.score, "{k} answered twice differently");
+            assert_eq!(before.decision, r.decision, "{k}");
+        }
+    }
+    // The state is what a server that never stopped has.
+    let reference = ServerProcess::start(&["--ephemeral"]).await;
+    let mut client = reference.client().await;
+    for r in &stream {
+        client.score(r.clone()).await.unwrap();
+    }
+    assert_eq!(
+        probes(&server, &accounts, 400).await,
+        probes(&reference, &accounts, 400).await,
+        "the restarted server's windows match a server that saw each payment once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_door_reconnects_after_the_broker_restarts() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut broker = Broker::start().await;
+    let _server = start_fraudgate(&broker, &["--ephemeral"]).await;
+    let producer = broker.producer();
+    let reader = broker.reader("fraudgate.decisions");
+    let before = payment("kr-1", "acct-restart", 0);
+    produce(
+        &producer,
+        "fraudgate.transactions",
+        "acct-restart",
+        &before.encode_to_vec(),
+    )
+    .await;
+    assert_eq!(
+        decisions(&reader, 1, Duration::from_secs(60)).await.len(),
+        1
+    );
+    broker.restart().await;
+    let producer = broker.producer();
+    let reader = broker.reader("fraudgate.decisions");
+    let after = payment("kr-2", "acct-restart", 1);
+    produce(
+        &producer,
+        "fraudgate.transactions",
+        "acct-restart",
+        &after.encode_to_vec(),
+    )
+    .await;
+    let got = decisions(&reader, 2, Duration::from_secs(90)).await;
+    let r = got
+        .iter()
+        .find(|(k, _)| k == "kr-2")
+        .unwrap_or_else(|| panic!("no decision after the restart: {got:?}"));
+    assert_eq!(
+        common::feature(&r.1, "acct_count_1h"),
+        1.0,
+        "the state went on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_fraudgates_in_one_group_split_the_partitions_and_each_account_has_one_scorer() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let broker = Broker::start().await;
+    let a = start_fraudgate(&broker, &["--ephemeral", "--kafka-instance-id", "a"]).await;
+    let b = start_fraudgate(&broker, &["--ephemeral", "--kafka-instance-id", "b"]).await;
+    // Let the group settle with both members.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let producer = broker.producer();
+    let reader = broker.reader("fraudgate.decisions");
+    let accounts: Vec<String> = (0..12).map(|i| format!("acct-group-{i}")).collect();
+    let stream = stream_of(&accounts, 120);
+    for r in &stream {
+        let account = &r.transaction.as_ref().unwrap().account_id;
+        produce(
+            &producer,
+            "fraudgate.transactions",
+            account,
+            &r.encode_to_vec(),
+        )
+        .await;
+    }
+    let got = decisions(&reader, 120, Duration::from_secs(90)).await;
+    assert_eq!(got.len(), 120, "{got:?}");
+    // Each account's payments were all scored by one server: the account's count goes
+    // 0, 1, 2, ... in one server's windows (two scorers would each start at 0).
+    for (n, acct) in accounts.iter().enumerate() {
+        let mut counts: Vec<f64> = stream
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| &r.transaction.as_ref().unwrap().account_id == acct)
+            .map(|(i, _)| {
+                let id = format!("kk-{i}");
+                let (_, r) = got.iter().find(|(k, _)| *k == id).expect("decided");
+                common::feature(r, "acct_count_1h")
+            })
+            .collect();
+        counts.sort_by(f64::total_cmp);
+        let expected: Vec<f64> = (0..counts.len()).map(|c| c as f64).collect();
+        assert_eq!(counts, expected, "account {n}");
+    }
+    // And both servers scored: each holds some of the accounts.
+    let mut holders = [0usize; 2];
+    for (s, server) in [&a, &b].iter().enumerate() {
+        let body = common::scrape(server.metrics.expect("metrics address"));
+        let series = "fraudgate_stream_messages_total{outcome=\"scored\",stream=\"transactions\"}";
+        holders[s] = body
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as usize;
+    }
+    assert_eq!(holders[0] + holders[1], 120, "{holders:?}");
+    assert!(holders[0] > 0 && holders[1] > 0, "both scored: {holders:?}");
+}

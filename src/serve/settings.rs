@@ -213,6 +213,11 @@ pub struct Settings {
     /// Replication factor of the Kafka topics fraudgate creates.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=100))]
     pub kafka_replication: i32,
+    /// This fraudgate's stable name in the Kafka group (static membership: unique per
+    /// instance, the same across its restarts). A restarted instance then takes its
+    /// partitions back at once rather than after the group notices the old one is gone.
+    #[arg(long)]
+    pub kafka_instance_id: Option<String>,
     /// Run as a node of a cluster (with --nats and --ephemeral): the accounts are split among
     /// the nodes sharing the NATS prefix, and the state lives in JetStream
     /// (docs/SCALING.md). The name must be unique and stable across the node's restarts.
@@ -336,6 +341,7 @@ impl Settings {
                     batch_timeout: self.kafka_batch_timeout,
                     partitions: self.kafka_partitions,
                     replication: self.kafka_replication,
+                    instance_id: self.kafka_instance_id.clone(),
                 }),
             cluster: self
                 .cluster_node
