@@ -52,6 +52,35 @@ pub struct NatsSink {
     pub format: Format,
 }
 
+/// The Kafka side of alerting: a producer of its own (librdkafka connects and reconnects by
+/// itself; while the broker is away a delivery attempt times out and is retried), the
+/// topic and the encoding. Keyed by transaction id.
+#[derive(Clone)]
+pub struct KafkaSink {
+    pub producer: rdkafka::producer::FutureProducer,
+    pub topic: String,
+    pub format: Format,
+}
+
+impl KafkaSink {
+    /// A sink producing on `topic` through `bootstrap` (acks=all, idempotent).
+    pub fn new(bootstrap: &str, topic: String, format: Format) -> anyhow::Result<KafkaSink> {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("client.id", "fraudgate-alerts")
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "10000")
+            .create()
+            .map_err(|e| anyhow::anyhow!("creating the Kafka alert producer: {e}"))?;
+        Ok(KafkaSink {
+            producer,
+            topic,
+            format,
+        })
+    }
+}
+
 /// The producer side, held by the node.
 #[derive(Debug)]
 pub struct Alerts {
@@ -82,6 +111,7 @@ impl Alerts {
     pub fn start(
         config: &AlertConfig,
         nats: Option<NatsSink>,
+        kafka: Option<KafkaSink>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Option<(Alerts, AlertWorkers)>> {
         let (close, closed) = watch::channel(false);
@@ -105,6 +135,25 @@ impl Alerts {
                 )),
             ));
             queues.push(("nats", tx));
+        }
+        if let Some(kafka) = kafka {
+            let (tx, rx) = mpsc::channel(config.queue.max(1));
+            let deliver = move |alert: Arc<proto::Alert>| {
+                let kafka = kafka.clone();
+                async move { produce(&kafka, &alert).await }
+            };
+            tasks.push((
+                "kafka",
+                tokio::spawn(run_sink(
+                    "kafka",
+                    rx,
+                    closed.clone(),
+                    deliver,
+                    config.retries,
+                    Arc::clone(&metrics),
+                )),
+            ));
+            queues.push(("kafka", tx));
         }
         if let Some(url) = &config.webhook {
             let client = reqwest::Client::builder()
@@ -291,6 +340,23 @@ async fn publish(nats: &NatsSink, alert: &proto::Alert) -> Result<(), Failure> {
         .map_err(|e| retry(&e))?
         .await
         .map_err(|e| retry(&e))?;
+    Ok(())
+}
+
+async fn produce(kafka: &KafkaSink, alert: &proto::Alert) -> Result<(), Failure> {
+    let payload = encoded(alert, kafka.format)?;
+    let id = transaction_id(alert);
+    let record = rdkafka::producer::FutureRecord::to(&kafka.topic)
+        .key(id)
+        .payload(&payload);
+    kafka
+        .producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| Failure {
+            retryable: true,
+            reason: e.to_string(),
+        })?;
     Ok(())
 }
 

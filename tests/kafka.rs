@@ -344,3 +344,56 @@ async fn two_fraudgates_in_one_group_split_the_partitions_and_each_account_has_o
     assert_eq!(holders[0] + holders[1], 120, "{holders:?}");
     assert!(holders[0] > 0 && holders[1] > 0, "both scored: {holders:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_payment_is_an_alert_on_the_alerts_topic() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let broker = Broker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[thresholds]\nreview = 0.6\ndeny = 0.9\n[blocklist]\naccounts = [\"acct-bad\"]\n",
+    )
+    .unwrap();
+    let policy = policy.to_str().unwrap().to_owned();
+    let _server = start_fraudgate(&broker, &["--ephemeral", "--policy", &policy]).await;
+    let producer = broker.producer();
+    let alerts = broker.reader("fraudgate.alerts");
+    let good = payment("ka-good", "acct-good", 0);
+    produce(
+        &producer,
+        "fraudgate.transactions",
+        "acct-good",
+        &good.encode_to_vec(),
+    )
+    .await;
+    let bad = payment("ka-bad", "acct-bad", 1);
+    produce(
+        &producer,
+        "fraudgate.transactions",
+        "acct-bad",
+        &bad.encode_to_vec(),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let alert = loop {
+        use rdkafka::message::Message as _;
+        let m = tokio::time::timeout_at(deadline, alerts.recv())
+            .await
+            .expect("an alert within a minute")
+            .expect("reading alerts");
+        assert_eq!(
+            m.key(),
+            Some(&b"ka-bad"[..]),
+            "only the denied payment alerts"
+        );
+        break proto::Alert::decode(m.payload().unwrap_or_default()).unwrap();
+    };
+    let decision = alert.decision.expect("the decision");
+    assert_eq!(decision.decision, proto::Decision::Deny as i32);
+    assert_eq!(
+        alert.transaction.expect("the payment").account_id,
+        "acct-bad"
+    );
+}

@@ -75,7 +75,7 @@ pub async fn run(
 
     let metrics = Arc::new(Metrics::new()?);
     let alerts = if config.shadow {
-        if config.nats.is_some() || config.alerts.webhook.is_some() {
+        if config.nats.is_some() || config.kafka.is_some() || config.alerts.webhook.is_some() {
             warn!("shadow mode: every answer is ALLOW, so no alerts are sent");
         }
         None
@@ -85,7 +85,12 @@ pub async fn run(
             .as_ref()
             .zip(nats.as_ref())
             .map(|(c, connected)| alert_sink(c, connected));
-        Alerts::start(&config.alerts, sink, Arc::clone(&metrics))?
+        let kafka = config
+            .kafka
+            .as_ref()
+            .map(|k| crate::alerts::KafkaSink::new(&k.bootstrap, k.topic("alerts"), k.format))
+            .transpose()?;
+        Alerts::start(&config.alerts, sink, kafka, Arc::clone(&metrics))?
     };
     let (alerts, alert_workers) = alerts.unzip();
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
