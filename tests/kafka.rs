@@ -394,3 +394,54 @@ async fn a_denied_payment_is_an_alert_on_the_alerts_topic() {
         "acct-bad"
     );
 }
+
+/// The README's `scripts/kafka_try.py` commands, verbatim but for the broker they name,
+/// against a fraudgate started as the README starts it (JSON decisions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_kafka_commands_work() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("\n## Kafka\n")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .unwrap();
+    assert!(block.contains("serve --kafka 127.0.0.1:9092 --kafka-format json"));
+    assert!(block.contains("tansu broker --listener-url tcp://127.0.0.1:9092"));
+    let commands: Vec<&str> = block
+        .lines()
+        .filter(|l| l.starts_with("python3 scripts/kafka_try.py"))
+        .collect();
+    assert_eq!(commands.len(), 2, "{block}");
+
+    let broker = Broker::start().await;
+    let bootstrap = broker.bootstrap();
+    let _server = ServerProcess::start(&[
+        "--ephemeral",
+        "--kafka",
+        &bootstrap,
+        "--kafka-format",
+        "json",
+    ])
+    .await;
+    let mut outputs = Vec::new();
+    for command in commands {
+        let command = command.replace(
+            "scripts/kafka_try.py",
+            &format!("scripts/kafka_try.py --bootstrap {bootstrap}"),
+        );
+        outputs.push(common::process::shell(command, "pip install confluent-kafka").await);
+    }
+    let decision: serde_json::Value = serde_json::from_str(outputs[1].trim()).unwrap();
+    assert_eq!(decision["transactionId"], "kafka-1");
+    assert!(
+        decision["decision"]
+            .as_str()
+            .unwrap()
+            .starts_with("DECISION_"),
+        "{decision}"
+    );
+    assert!(decision.get("error").is_none(), "{decision}");
+}

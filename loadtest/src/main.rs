@@ -3,6 +3,7 @@
 
 mod ceiling;
 mod compare;
+mod kafka;
 mod pacing;
 mod report;
 mod run;
@@ -49,6 +50,9 @@ enum Command {
     /// Publish transactions on NATS JetStream to a fraudgate started with --nats and
     /// measure decisions per second and publish-to-decision latency.
     Stream(StreamArgs),
+    /// Produce transactions on Kafka to a fraudgate started with --kafka and measure
+    /// decisions per second and produce-to-decision latency.
+    Kafka(KafkaArgs),
     /// Serve fraudgate on its defaults from this binary (what `compare` runs unless given
     /// `--fraudgate-bin`).
     #[command(hide = true)]
@@ -91,6 +95,68 @@ struct StreamArgs {
     /// Also write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    kafka: String,
+    /// Topic prefix fraudgate was started with (--kafka-prefix).
+    #[arg(long, default_value = "fraudgate")]
+    prefix: String,
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Produces per second (default: as fast as the broker takes them).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Give up when no decision arrives for this long.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    timeout: Duration,
+    #[arg(long, default_value_t = 100_000)]
+    accounts: usize,
+    #[arg(long, default_value_t = 10_000)]
+    merchants: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Prints a stream door's report, writes it as JSON when asked, and fails unless every
+/// message was decided.
+fn stream_report(
+    what: &str,
+    report: &stream::StreamReport,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let p = &report.latency_us;
+    println!(
+        "{what}: {} published ({:.0}/s), {} decided ({:.0}/s, {} item errors)\n\
+         publish -> decision latency (us): p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+        report.messages,
+        report.publish_per_second,
+        report.decided,
+        report.decisions_per_second,
+        report.errors,
+        p.p50,
+        p.p90,
+        p.p99,
+        p.p999,
+        p.max
+    );
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_vec_pretty(report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    anyhow::ensure!(
+        report.decided == report.messages,
+        "only {} of {} messages were decided",
+        report.decided,
+        report.messages
+    );
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -281,32 +347,28 @@ async fn main_on(cli: Cli) -> anyhow::Result<()> {
                 &traffic,
             )
             .await?;
-            let p = &report.latency_us;
-            println!(
-                "stream: {} published ({:.0}/s), {} decided ({:.0}/s, {} item errors)\n\
-                 publish -> decision latency (us): p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
-                report.messages,
-                report.publish_per_second,
-                report.decided,
-                report.decisions_per_second,
-                report.errors,
-                p.p50,
-                p.p90,
-                p.p99,
-                p.p999,
-                p.max
-            );
-            if let Some(path) = args.json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            anyhow::ensure!(
-                report.decided == report.messages,
-                "only {} of {} messages were decided",
-                report.decided,
-                report.messages
-            );
-            Ok(())
+            stream_report("stream", &report, args.json)
+        }
+        Command::Kafka(args) => {
+            let traffic = Traffic::new(
+                args.accounts,
+                args.merchants,
+                args.seed,
+                1_735_689_600,
+                &format!("lk{}", std::process::id()),
+            )?;
+            let report = kafka::run(
+                kafka::KafkaConfig {
+                    bootstrap: args.kafka,
+                    prefix: args.prefix,
+                    messages: args.messages,
+                    rate: args.rate,
+                    timeout: args.timeout,
+                },
+                &traffic,
+            )
+            .await?;
+            stream_report("kafka", &report, args.json)
         }
         Command::CeilingServer { listen, .. } => {
             let listener = tokio::net::TcpListener::bind(listen)
