@@ -206,6 +206,9 @@ impl Door {
             // A member that died (kill -9, a lost machine) holds its partitions this long
             // before the group gives them to the others.
             .set("session.timeout.ms", "10000")
+            // A fetch with nothing new comes back after this long: a broker that holds an
+            // empty fetch for the whole wait (tansu does) then adds at most this to latency.
+            .set("fetch.wait.max.ms", "10")
             .to_owned();
         if let Some(id) = &self.config.instance_id {
             // Static membership: a restarted instance takes its partitions back at once.

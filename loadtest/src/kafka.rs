@@ -40,6 +40,7 @@ pub async fn run(config: KafkaConfig, traffic: &Traffic) -> anyhow::Result<Strea
         .set("bootstrap.servers", &config.bootstrap)
         .set("group.id", format!("loadtest-{}", std::process::id()))
         .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "10")
         .set("enable.auto.commit", "false")
         .create()
         .context("creating the decisions consumer")?;
