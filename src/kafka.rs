@@ -28,8 +28,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -133,8 +134,37 @@ struct Door {
 }
 
 struct Clients {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<Revocations>,
     producer: FutureProducer,
+}
+
+/// The partitions revoked from this consumer since the door last looked: a batch being
+/// gathered drops what it holds of a partition that moved away meanwhile. Those messages
+/// were neither scored nor stored, so the partition's new owner reads them from the
+/// committed offset and they are scored once, by it. Owned by the consumer; librdkafka calls
+/// it inside the consumer's poll.
+#[derive(Default)]
+struct Revocations {
+    revoked: parking_lot::Mutex<Vec<(String, i32)>>,
+}
+
+impl ClientContext for Revocations {}
+
+impl ConsumerContext for Revocations {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            let mut revoked = self.revoked.lock();
+            for p in partitions.elements() {
+                revoked.push((p.topic().to_owned(), p.partition()));
+            }
+        }
+    }
+}
+
+impl Revocations {
+    fn take(&self) -> Vec<(String, i32)> {
+        std::mem::take(&mut *self.revoked.lock())
+    }
 }
 
 /// Where one transaction of a batch stands after scoring. Lives in a batch's `Vec` only
@@ -214,7 +244,9 @@ impl Door {
             // Static membership: a restarted instance takes its partitions back at once.
             consumer.set("group.instance.id", id);
         }
-        let consumer: StreamConsumer = consumer.create().context("creating the Kafka consumer")?;
+        let consumer: StreamConsumer<Revocations> = consumer
+            .create_with_context(Revocations::default())
+            .context("creating the Kafka consumer")?;
         let subscribed: Vec<&str> = names[..2].iter().map(String::as_str).collect();
         consumer
             .subscribe(&subscribed)
@@ -243,6 +275,8 @@ impl Door {
                     continue;
                 }
             };
+            // Revoked before this message arrived: nothing of theirs is held.
+            clients.consumer.context().take();
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + self.config.batch_timeout;
             while batch.len() < self.config.batch {
@@ -253,6 +287,22 @@ impl Door {
                         break;
                     }
                     Err(_) => break,
+                }
+            }
+            let revoked = clients.consumer.context().take();
+            if !revoked.is_empty() {
+                let before = batch.len();
+                batch.retain(|m| {
+                    !revoked
+                        .iter()
+                        .any(|(t, p)| t == m.topic() && *p == m.partition())
+                });
+                info!(
+                    dropped = before - batch.len(),
+                    "Kafka partitions revoked while a batch gathered: their messages are left to the new owner"
+                );
+                if batch.is_empty() {
+                    continue;
                 }
             }
             self.handle(&batch, &clients.producer).await?;
