@@ -165,6 +165,23 @@ async fn probes(server: &ServerProcess, accounts: &[String], secs: i64) -> Vec<V
     out
 }
 
+/// Reads decisions into `got` until `n` distinct transactions are decided (within two
+/// minutes), however many come twice.
+async fn read_until_all_decided(
+    reader: &rdkafka::consumer::StreamConsumer,
+    got: &mut Vec<(String, proto::ScoreResponse)>,
+    n: usize,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut ids: std::collections::HashSet<String> = got.iter().map(|(k, _)| k.clone()).collect();
+    while ids.len() < n && tokio::time::Instant::now() < deadline {
+        let more = decisions(reader, n - ids.len(), Duration::from_secs(5)).await;
+        ids.extend(more.iter().map(|(k, _)| k.clone()));
+        got.extend(more);
+    }
+    assert_eq!(ids.len(), n, "every transaction decided");
+}
+
 fn stream_of(accounts: &[String], n: usize) -> Vec<proto::ScoreRequest> {
     (0..n)
         .map(|i| payment(&format!("kk-{i}"), &accounts[i % accounts.len()], i as i64))
@@ -219,14 +236,7 @@ async fn killed_mid_stream_and_restarted_loses_nothing_and_changes_state_once() 
         .await;
     }
     let server = ServerProcess::start_in(data.path(), &args).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let mut ids: std::collections::HashSet<String> = got.iter().map(|(k, _)| k.clone()).collect();
-    while ids.len() < 300 && tokio::time::Instant::now() < deadline {
-        let more = decisions(&reader, 300 - ids.len(), Duration::from_secs(5)).await;
-        ids.extend(more.iter().map(|(k, _)| k.clone()));
-        got.extend(more);
-    }
-    assert_eq!(ids.len(), 300, "every transaction decided");
+    read_until_all_decided(&reader, &mut got, 300).await;
     // A decision seen twice (re-delivered) is the same decision.
     let mut first: HashMap<&str, &proto::ScoreResponse> = HashMap::new();
     for (k, r) in &got {
@@ -479,15 +489,8 @@ async fn a_member_joining_mid_stream_takes_partitions_without_scoring_anything_t
         start_fraudgate(&broker, &["--ephemeral", "--kafka-instance-id", "b"]).await
     };
     let ((), _b) = tokio::join!(producing, joining);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let mut got: Vec<(String, proto::ScoreResponse)> = Vec::new();
-    let mut ids = std::collections::HashSet::new();
-    while ids.len() < 600 && tokio::time::Instant::now() < deadline {
-        let more = decisions(&reader, 600 - ids.len(), Duration::from_secs(5)).await;
-        ids.extend(more.iter().map(|(k, _)| k.clone()));
-        got.extend(more);
-    }
-    assert_eq!(ids.len(), 600, "every transaction decided");
+    let mut got = Vec::new();
+    read_until_all_decided(&reader, &mut got, 600).await;
     // Decided twice only ever as a re-delivery answered from the same store: the same
     // decision. Two members scoring one message would each answer from their own windows.
     let mut first: HashMap<&str, &proto::ScoreResponse> = HashMap::new();

@@ -14,8 +14,7 @@ use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-use crate::report::{histogram, Percentiles};
-use crate::stream::StreamReport;
+use crate::stream::{Received, StreamReport};
 use crate::traffic::Traffic;
 
 #[derive(Debug, Clone)]
@@ -65,24 +64,17 @@ pub async fn run(config: KafkaConfig, traffic: &Traffic) -> anyhow::Result<Strea
     let mut sent: HashMap<String, Instant> = HashMap::with_capacity(requests.len());
     let started = Instant::now();
     let receiver = async {
-        let (mut decided, mut errors) = (0, 0);
-        let mut last = started;
-        let mut arrivals = Vec::with_capacity(config.messages);
-        while decided < config.messages {
+        let mut received = Received::new(started, config.messages);
+        while received.decided() < config.messages {
             let Ok(Ok(m)) = tokio::time::timeout(config.timeout, decisions.recv()).await else {
                 break;
             };
-            let at = Instant::now();
-            let Ok(d) = fraudgate::proto::ScoreResponse::decode(m.payload().unwrap_or_default())
-            else {
-                continue;
-            };
-            decided += 1;
-            errors += usize::from(d.error.is_some());
-            last = at;
-            arrivals.push((d.transaction_id, at));
+            if let Ok(d) = fraudgate::proto::ScoreResponse::decode(m.payload().unwrap_or_default())
+            {
+                received.push(d);
+            }
         }
-        (arrivals, decided, errors, last)
+        received
     };
     let producing = async {
         let mut acks = Vec::new();
@@ -120,20 +112,12 @@ pub async fn run(config: KafkaConfig, traffic: &Traffic) -> anyhow::Result<Strea
         }
         anyhow::Ok(Instant::now())
     };
-    let ((arrivals, decided, errors, last), produced) = tokio::join!(receiver, producing);
-    let produced = produced?;
-    let mut latency = histogram();
-    for (id, at) in &arrivals {
-        if let Some(t) = sent.get(id) {
-            latency.saturating_record(at.duration_since(*t).as_nanos() as u64);
-        }
-    }
-    Ok(StreamReport {
-        messages: config.messages,
-        decided,
-        errors,
-        publish_per_second: config.messages as f64 / produced.duration_since(started).as_secs_f64(),
-        decisions_per_second: decided as f64 / last.duration_since(started).as_secs_f64(),
-        latency_us: Percentiles::of(&latency),
-    })
+    let (received, produced) = tokio::join!(receiver, producing);
+    Ok(StreamReport::of(
+        config.messages,
+        received,
+        &sent,
+        started,
+        produced?,
+    ))
 }

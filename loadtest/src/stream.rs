@@ -33,6 +33,67 @@ pub struct StreamReport {
     pub latency_us: Percentiles,
 }
 
+/// What a run's receiver saw: each decision's transaction id and arrival, and the counts.
+/// Shared by the NATS and Kafka runs.
+pub struct Received {
+    arrivals: Vec<(String, Instant)>,
+    decided: usize,
+    errors: usize,
+    last: Instant,
+}
+
+impl Received {
+    pub fn new(started: Instant, messages: usize) -> Received {
+        Received {
+            arrivals: Vec::with_capacity(messages),
+            decided: 0,
+            errors: 0,
+            last: started,
+        }
+    }
+
+    pub fn decided(&self) -> usize {
+        self.decided
+    }
+
+    /// Counts one decision, arrived now.
+    pub fn push(&mut self, d: fraudgate::proto::ScoreResponse) {
+        let at = Instant::now();
+        self.decided += 1;
+        self.errors += usize::from(d.error.is_some());
+        self.last = at;
+        self.arrivals.push((d.transaction_id, at));
+    }
+}
+
+impl StreamReport {
+    /// The report of a run that sent `messages` (each at its `sent` time) from `started`
+    /// until `published`, and `received` what it did.
+    pub fn of(
+        messages: usize,
+        received: Received,
+        sent: &HashMap<String, Instant>,
+        started: Instant,
+        published: Instant,
+    ) -> StreamReport {
+        let mut latency = histogram();
+        for (id, at) in &received.arrivals {
+            if let Some(t) = sent.get(id) {
+                latency.saturating_record(at.duration_since(*t).as_nanos() as u64);
+            }
+        }
+        StreamReport {
+            messages,
+            decided: received.decided,
+            errors: received.errors,
+            publish_per_second: messages as f64 / published.duration_since(started).as_secs_f64(),
+            decisions_per_second: received.decided as f64
+                / received.last.duration_since(started).as_secs_f64(),
+            latency_us: Percentiles::of(&latency),
+        }
+    }
+}
+
 pub async fn run(config: StreamConfig, traffic: &Traffic) -> anyhow::Result<StreamReport> {
     let client = async_nats::connect(config.nats.as_str())
         .await
@@ -52,23 +113,16 @@ pub async fn run(config: StreamConfig, traffic: &Traffic) -> anyhow::Result<Stre
     let mut sent: HashMap<String, Instant> = HashMap::with_capacity(requests.len());
     let started = Instant::now();
     let receiver = async {
-        let (mut decided, mut errors) = (0, 0);
-        let mut last = started;
-        let mut arrivals = Vec::with_capacity(config.messages);
-        while decided < config.messages {
+        let mut received = Received::new(started, config.messages);
+        while received.decided() < config.messages {
             let Ok(Some(m)) = tokio::time::timeout(config.timeout, decisions.next()).await else {
                 break;
             };
-            let at = Instant::now();
-            let Ok(d) = fraudgate::proto::ScoreResponse::decode(m.payload) else {
-                continue;
-            };
-            decided += 1;
-            errors += usize::from(d.error.is_some());
-            last = at;
-            arrivals.push((d.transaction_id, at));
+            if let Ok(d) = fraudgate::proto::ScoreResponse::decode(m.payload) {
+                received.push(d);
+            }
         }
-        (arrivals, decided, errors, last)
+        received
     };
     let publisher = async {
         let mut acks = Vec::new();
@@ -105,21 +159,12 @@ pub async fn run(config: StreamConfig, traffic: &Traffic) -> anyhow::Result<Stre
         }
         anyhow::Ok(Instant::now())
     };
-    let ((arrivals, decided, errors, last), published) = tokio::join!(receiver, publisher);
-    let published = published?;
-    let mut latency = histogram();
-    for (id, at) in &arrivals {
-        if let Some(t) = sent.get(id) {
-            latency.saturating_record(at.duration_since(*t).as_nanos() as u64);
-        }
-    }
-    Ok(StreamReport {
-        messages: config.messages,
-        decided,
-        errors,
-        publish_per_second: config.messages as f64
-            / published.duration_since(started).as_secs_f64(),
-        decisions_per_second: decided as f64 / last.duration_since(started).as_secs_f64(),
-        latency_us: Percentiles::of(&latency),
-    })
+    let (received, published) = tokio::join!(receiver, publisher);
+    Ok(StreamReport::of(
+        config.messages,
+        received,
+        &sent,
+        started,
+        published?,
+    ))
 }
