@@ -117,32 +117,67 @@ impl Alerts {
         let (close, closed) = watch::channel(false);
         let mut queues = Vec::new();
         let mut tasks = Vec::new();
-        // A queue and a delivering task for one sink.
-        let mut add = |sink: &'static str, deliver| {
-            let (tx, rx) = mpsc::channel(config.queue.max(1));
-            let task = run_sink(
-                sink,
-                rx,
-                closed.clone(),
-                deliver,
-                config.retries,
-                Arc::clone(&metrics),
-            );
-            tasks.push((sink, tokio::spawn(task)));
-            queues.push((sink, tx));
-        };
         if let Some(nats) = nats {
-            add("nats", Deliver::Nats(nats));
+            let (tx, rx) = mpsc::channel(config.queue.max(1));
+            let deliver = move |alert: Arc<proto::Alert>| {
+                let nats = nats.clone();
+                async move { publish(&nats, &alert).await }
+            };
+            tasks.push((
+                "nats",
+                tokio::spawn(run_sink(
+                    "nats",
+                    rx,
+                    closed.clone(),
+                    deliver,
+                    config.retries,
+                    Arc::clone(&metrics),
+                )),
+            ));
+            queues.push(("nats", tx));
         }
         if let Some(kafka) = kafka {
-            add("kafka", Deliver::Kafka(kafka));
+            let (tx, rx) = mpsc::channel(config.queue.max(1));
+            let deliver = move |alert: Arc<proto::Alert>| {
+                let kafka = kafka.clone();
+                async move { produce(&kafka, &alert).await }
+            };
+            tasks.push((
+                "kafka",
+                tokio::spawn(run_sink(
+                    "kafka",
+                    rx,
+                    closed.clone(),
+                    deliver,
+                    config.retries,
+                    Arc::clone(&metrics),
+                )),
+            ));
+            queues.push(("kafka", tx));
         }
         if let Some(url) = &config.webhook {
             let client = reqwest::Client::builder()
                 .timeout(config.timeout)
                 .build()
                 .map_err(|e| anyhow::anyhow!("building the webhook client: {e}"))?;
-            add("webhook", Deliver::Webhook(client, url.clone()));
+            let url = url.clone();
+            let (tx, rx) = mpsc::channel(config.queue.max(1));
+            let deliver = move |alert: Arc<proto::Alert>| {
+                let (client, url) = (client.clone(), url.clone());
+                async move { post(&client, &url, &alert).await }
+            };
+            tasks.push((
+                "webhook",
+                tokio::spawn(run_sink(
+                    "webhook",
+                    rx,
+                    closed,
+                    deliver,
+                    config.retries,
+                    Arc::clone(&metrics),
+                )),
+            ));
+            queues.push(("webhook", tx));
         }
         if queues.is_empty() || !(config.on_review || config.on_deny) {
             return Ok(None);
@@ -220,31 +255,17 @@ impl AlertWorkers {
 
 /// Delivers every alert from `rx` with `deliver`, retrying what may succeed later. After
 /// `close`, delivers what is queued and ends.
-/// Where a sink delivers.
-enum Deliver {
-    Nats(NatsSink),
-    Kafka(KafkaSink),
-    Webhook(reqwest::Client, String),
-}
-
-impl Deliver {
-    async fn send(&self, alert: &proto::Alert) -> Result<(), Failure> {
-        match self {
-            Deliver::Nats(nats) => publish(nats, alert).await,
-            Deliver::Kafka(kafka) => produce(kafka, alert).await,
-            Deliver::Webhook(client, url) => post(client, url, alert).await,
-        }
-    }
-}
-
-async fn run_sink(
+async fn run_sink<F, Fut>(
     sink: &'static str,
     mut rx: mpsc::Receiver<Arc<proto::Alert>>,
     mut close: watch::Receiver<bool>,
-    deliver: Deliver,
+    deliver: F,
     retries: usize,
     metrics: Arc<Metrics>,
-) {
+) where
+    F: Fn(Arc<proto::Alert>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Failure>>,
+{
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -265,7 +286,7 @@ async fn run_sink(
             }
         };
         let Some(alert) = next else { break };
-        let result = (|| deliver.send(&alert))
+        let result = (|| deliver(Arc::clone(&alert)))
             .retry(backoff)
             .when(|f: &Failure| f.retryable)
             .notify(|f: &Failure, after: Duration| {
