@@ -2,8 +2,9 @@
 //! engine scores simulated traffic through a `Node`, which queues each decision exactly as a
 //! `Score` call does), arriving at a steady 40,000 a second, so the writer gathers and commits
 //! groups of the size it commits under load. The figure is the writer thread's own CPU time
-//! (user + system, from `/proc/self/task/<tid>/schedstat`) divided by the decisions it
-//! committed: the cost the journal adds to a call, beside the call's own.
+//! (user + system, from `/proc/self/task/<tid>/schedstat`), with the lookup index's background
+//! threads, divided by the decisions it committed: the cost the journal adds to a call, beside
+//! the call's own. Twice: transaction ids in order, and in no order (as UUIDs are).
 //!
 //!     cargo bench --bench journal
 
@@ -33,28 +34,54 @@ const WARM: usize = 200_000;
 const PER_TICK: usize = 40;
 const TICK: Duration = Duration::from_millis(1);
 
-/// The journal writer thread's id, found by its name.
-fn writer_tid() -> PathBuf {
+/// The journal's threads, found by name: its writer and the lookup index's (fjall's)
+/// background workers, whose flushes and compactions are the journal's cost too.
+fn journal_threads() -> Vec<PathBuf> {
     let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
-    for task in tasks.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() == "journal-writer" {
-            return task.path();
-        }
-    }
-    panic!("no journal-writer thread");
+    let found: Vec<PathBuf> = tasks
+        .flatten()
+        .filter(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            matches!(
+                comm.trim(),
+                "journal-writer" | "monitor" | "compactor" | "flusher" | "syncer"
+            )
+        })
+        .map(|task| task.path())
+        .collect();
+    assert!(!found.is_empty(), "no journal-writer thread");
+    found
 }
 
-/// Nanoseconds the thread has run (user + system).
-fn cpu_ns(task: &std::path::Path) -> u64 {
-    let s = std::fs::read_to_string(task.join("schedstat")).expect("schedstat");
-    s.split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .expect("schedstat run time")
+/// Nanoseconds the threads have run (user + system); a thread that has ended counts 0.
+fn cpu_ns(tasks: &[PathBuf]) -> u64 {
+    tasks
+        .iter()
+        .filter_map(|task| std::fs::read_to_string(task.join("schedstat")).ok())
+        .filter_map(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
 }
 
 fn bench(c: &mut Criterion) {
+    ids(c, false);
+    ids(c, true);
+}
+
+/// A transaction id: `j-<n>`, or (`random`) 32 hex digits that follow no order, as UUIDs do.
+fn transaction_id(n: usize, random: bool) -> String {
+    if random {
+        let h = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        format!("{h:016x}{:016x}", h.rotate_left(29) ^ 0x5bd1_e995)
+    } else {
+        format!("j-{n}")
+    }
+}
+
+fn ids(c: &mut Criterion, random: bool) {
     let requests: Vec<proto::ScoreRequest> = common::requests(ACCOUNTS, WARM + 400_000);
     let model = Model::embedded_default().expect("model");
     let policy = Policy::new(PolicyFile::default(), model.meta.thresholds).expect("policy");
@@ -84,7 +111,7 @@ fn bench(c: &mut Criterion) {
             next += 1;
             let mut raw = r.transaction.clone().expect("transaction");
             // Every call a new transaction, later than the last.
-            raw.transaction_id = format!("j-{next}");
+            raw.transaction_id = transaction_id(next, random);
             let mut tx = parse::transaction(
                 &proto::ScoreRequest {
                     transaction: Some(raw.clone()),
@@ -112,18 +139,22 @@ fn bench(c: &mut Criterion) {
         runtime.block_on(node.flush()).expect("flushed");
     };
     score(WARM, false);
-    let writer = writer_tid();
+    let writer = journal_threads();
 
     let mut group = c.benchmark_group("journal");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(4));
     group.bench_function(
-        "writer CPU per decision (async, 40,000/s, 2e5 rows warm)",
+        if random {
+            "writer CPU per decision (async, 40,000/s, 2e5 rows warm, ids in no order)"
+        } else {
+            "writer CPU per decision (async, 40,000/s, 2e5 rows warm, ids in order)"
+        },
         |b| {
             b.iter_custom(|iters| {
                 let before = cpu_ns(&writer);
                 score(iters as usize, true);
-                Duration::from_nanos(cpu_ns(&writer) - before)
+                Duration::from_nanos(cpu_ns(&writer).saturating_sub(before))
             })
         },
     );

@@ -574,3 +574,105 @@ async fn an_admin_writes_a_rule_with_its_backtest_and_sees_the_models() {
     assert!(text(c, "#models").await.contains("serving"));
     screenshot(c, "models").await;
 }
+
+/// The case API finds a payment by its id and its neighbours by account, device, IP and
+/// merchant (through the journal's lookup index, not SQLite indexes); a server restarted
+/// after a crash that lost that index rebuilds it from the journal and finds them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_finds_its_neighbours_and_again_after_its_lookup_index_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path()).await;
+    let mut scorer = server.client().await;
+    let with = |id: &str, account: &str, merchant: &str, device: &str, ip: &str, secs| {
+        let mut t = tx(id, account, merchant, 2_500, secs);
+        t.device_id = device.into();
+        t.ip_address = ip.into();
+        req(t)
+    };
+    let payments = [
+        with("n-1", "acct-a", "m-a", "dev-a", "10.0.0.1", 0),
+        with("n-2", "acct-a", "m-b", "dev-b", "10.0.0.2", 60),
+        with("n-3", "acct-b", "m-a", "dev-a", "10.0.0.3", 120),
+        with("n-4", "acct-c", "m-c", "dev-c", "10.0.0.1", 180),
+        // An account whose id the other begins with: never its neighbour.
+        with("n-5", "acct-aa", "m-aa", "dev-aa", "10.0.0.11", 240),
+        with("n-6", "acct-a", "m-a", "dev-a", "10.0.0.1", 300),
+    ];
+    for p in payments {
+        scorer.score(p).await.unwrap();
+    }
+    let http = reqwest::Client::new();
+    let case = |console: String| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .get(format!("{console}/api/v1/cases/n-6"))
+                .bearer_auth(API_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let c: serde_json::Value = r.json().await.unwrap();
+            let ids = |list: &str| -> Vec<String> {
+                c[list]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{list} in {c}"))
+                    .iter()
+                    .map(|p| p["transaction_id"].as_str().unwrap().to_owned())
+                    .collect()
+            };
+            (
+                c["payment"]["transaction_id"].as_str().unwrap().to_owned(),
+                [
+                    ids("account_recent"),
+                    ids("same_device"),
+                    ids("same_ip"),
+                    ids("same_merchant"),
+                ],
+            )
+        }
+    };
+    let want = (
+        "n-6".to_owned(),
+        [
+            vec!["n-2".to_owned(), "n-1".to_owned()],
+            vec!["n-3".to_owned(), "n-1".to_owned()],
+            vec!["n-4".to_owned(), "n-1".to_owned()],
+            vec!["n-3".to_owned(), "n-1".to_owned()],
+        ],
+    );
+    // Async decisions reach the journal within milliseconds; wait for the last one.
+    let console = format!("http://{}", server.metrics.expect("the HTTP listener"));
+    let mut got = None;
+    for _ in 0..100 {
+        let r = http
+            .get(format!("{console}/api/v1/cases/n-6"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            got = Some(case(console.clone()).await);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(got.as_ref(), Some(&want));
+    let missing = http
+        .get(format!("{console}/api/v1/cases/n-"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404, "a prefix of an id is not the id");
+
+    // Stopped cleanly, then the index lost: the next start indexes the journal again.
+    drop(scorer);
+    server.signal("-TERM");
+    let (status, log) = server.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    std::fs::remove_dir_all(dir.path().join("data/journal-lookup")).unwrap();
+    let server = start(dir.path()).await;
+    let console = format!("http://{}", server.metrics.expect("the HTTP listener"));
+    assert_eq!(case(console).await, want);
+}

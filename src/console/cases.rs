@@ -16,6 +16,8 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use serde::Serialize;
 
+use crate::journal::{By, Lookup};
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cases (
     transaction_id TEXT PRIMARY KEY,
@@ -34,11 +36,8 @@ CREATE TABLE IF NOT EXISTS case_notes (
     text           TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS case_notes_transaction ON case_notes (transaction_id);
--- The case page's neighbours: the account's, device's, IP's and merchant's other payments.
-CREATE INDEX IF NOT EXISTS decisions_account ON decisions (account_id, seq);
-CREATE INDEX IF NOT EXISTS decisions_device ON decisions (device_id, seq) WHERE device_id != '';
-CREATE INDEX IF NOT EXISTS decisions_ip ON decisions (ip_address, seq) WHERE ip_address != '';
-CREATE INDEX IF NOT EXISTS decisions_merchant ON decisions (merchant_id, seq);
+-- The case page's neighbours (the account's, device's, IP's and merchant's other payments)
+-- and a payment by its id are found through the journal's lookup index, not SQLite indexes.
 ";
 
 /// The queue's filters.
@@ -127,6 +126,8 @@ pub struct Case {
 /// The cases' tables and the journal they read.
 #[derive(Debug)]
 pub struct Cases {
+    /// Finds a payment by id and its neighbours by account, device, IP and merchant.
+    lookup: Lookup,
     path: PathBuf,
     write: Mutex<Connection>,
 }
@@ -184,15 +185,31 @@ fn open_cases(include_denied: bool) -> String {
 const QUEUE_SCAN: &str = "decisions d INDEXED BY decisions_review_queue LEFT JOIN cases c \
     USING (transaction_id)";
 
+/// Sequence numbers as an SQL list (`NULL` when none, which matches nothing); integers only.
+fn seq_list(seqs: &[u64]) -> String {
+    if seqs.is_empty() {
+        return "NULL".into();
+    }
+    let mut out = String::with_capacity(seqs.len() * 8);
+    for (i, s) in seqs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(itoa::Buffer::new().format(*s));
+    }
+    out
+}
+
 impl Cases {
     /// Opens the tables in the journal's database at `path` (created if missing).
-    pub fn open(path: &Path) -> anyhow::Result<Cases> {
+    pub fn open(path: &Path, lookup: Lookup) -> anyhow::Result<Cases> {
         let conn = Connection::open(path)
             .with_context(|| format!("opening the case store {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("creating the case tables in {}", path.display()))?;
         Ok(Cases {
+            lookup,
             path: path.to_owned(),
             write: Mutex::new(conn),
         })
@@ -274,13 +291,15 @@ impl Cases {
     /// Everything about one transaction's newest decision, if the journal has it.
     pub fn case(&self, transaction_id: &str) -> anyhow::Result<Option<Case>> {
         let conn = self.read()?;
+        let seqs = self.lookup.newest(By::Transaction, transaction_id, 16)?;
         let head = conn
             .query_row(
                 &format!(
                     "SELECT {PAYMENT}, d.anomaly_score, d.classifier_score, d.model_version, \
                      d.reasons, c.verdict, c.verdict_by FROM decisions d \
-                     LEFT JOIN cases c USING (transaction_id) WHERE d.transaction_id = ?1 \
-                     ORDER BY d.seq DESC LIMIT 1"
+                     LEFT JOIN cases c USING (transaction_id) WHERE d.seq IN ({}) \
+                     AND d.transaction_id = ?1 ORDER BY d.seq DESC LIMIT 1",
+                    seq_list(&seqs)
                 ),
                 [transaction_id],
                 |r| {
@@ -326,16 +345,18 @@ impl Cases {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        let others = |column: &str, value: &str| -> anyhow::Result<Vec<Payment>> {
+        let others = |by: By, value: &str| -> anyhow::Result<Vec<Payment>> {
             if value.is_empty() {
                 return Ok(Vec::new());
             }
-            // `!= ''` written out: the device and IP indexes leave out empty values, and
-            // SQLite uses a partial index only when the query itself excludes them.
+            // 20 others, and room for this payment's own decisions among the newest.
+            let seqs = self.lookup.newest(by, value, 40)?;
+            let column = by.column();
             let mut stmt = conn.prepare(&format!(
                 "SELECT {PAYMENT} FROM decisions d LEFT JOIN cases c USING (transaction_id) \
-                 WHERE d.{column} = ?1 AND d.{column} != '' AND d.transaction_id != ?2 \
-                 ORDER BY d.seq DESC LIMIT 20"
+                 WHERE d.seq IN ({}) AND d.{column} = ?1 AND d.transaction_id != ?2 \
+                 ORDER BY d.seq DESC LIMIT 20",
+                seq_list(&seqs)
             ))?;
             let rows = stmt
                 .query_map(params![value, transaction_id], payment)?
@@ -343,10 +364,10 @@ impl Cases {
             Ok(rows)
         };
         Ok(Some(Case {
-            account_recent: others("account_id", &p.account_id)?,
-            same_device: others("device_id", &p.device_id)?,
-            same_ip: others("ip_address", &p.ip_address)?,
-            same_merchant: others("merchant_id", &p.merchant_id)?,
+            account_recent: others(By::Account, &p.account_id)?,
+            same_device: others(By::Device, &p.device_id)?,
+            same_ip: others(By::Ip, &p.ip_address)?,
+            same_merchant: others(By::Merchant, &p.merchant_id)?,
             payment: p,
             anomaly_score: anomaly,
             classifier_score: classifier,
@@ -401,9 +422,11 @@ impl Cases {
     /// Decisions of an account, newest first (search).
     pub fn by_account(&self, account_id: &str, limit: usize) -> anyhow::Result<Vec<Payment>> {
         let conn = self.read()?;
+        let seqs = self.lookup.newest(By::Account, account_id, limit)?;
         let mut stmt = conn.prepare(&format!(
             "SELECT {PAYMENT} FROM decisions d LEFT JOIN cases c USING (transaction_id) \
-             WHERE d.account_id = ?1 ORDER BY d.seq DESC LIMIT ?2"
+             WHERE d.seq IN ({}) AND d.account_id = ?1 ORDER BY d.seq DESC LIMIT ?2",
+            seq_list(&seqs)
         ))?;
         let rows = stmt
             .query_map(params![account_id, limit as i64], payment)?

@@ -13,10 +13,12 @@
 //! The schema is in `schema.sql` and the README.
 
 mod encode;
+pub mod lookup;
 pub mod recover;
 pub mod rule_test;
 mod writer;
 
+pub use lookup::{By, Lookup};
 pub use writer::now_ms;
 
 use std::path::PathBuf;
@@ -113,6 +115,7 @@ pub struct JournalFull;
 pub struct Journal {
     jobs: mpsc::Sender<Job>,
     shared: Arc<Shared>,
+    lookup: Lookup,
 }
 
 #[derive(Debug)]
@@ -144,6 +147,14 @@ impl Journal {
     /// Opens (or creates) the journal file and starts its writer thread.
     pub fn open(config: JournalConfig) -> anyhow::Result<Journal> {
         let conn = writer::open(&config.path)?;
+        let lookup = Lookup::open(&config.path.with_file_name(lookup::LOOKUP_DIR))?;
+        let added = lookup
+            .catch_up(&conn)
+            .context("indexing the journal's newest rows for lookup")?;
+        if added > 0 {
+            tracing::info!(rows = added, "journal rows added to the lookup index");
+        }
+        let writer_lookup = lookup.clone();
         let (jobs, rx) = mpsc::channel(config.queue.max(1));
         let shared = Arc::new(Shared {
             snapshot_seq: AtomicU64::new(0),
@@ -153,10 +164,19 @@ impl Journal {
         let retention = config.retention;
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer::run(conn, rx, thread_shared, retention))
+            .spawn(move || writer::run(conn, rx, thread_shared, writer_lookup, retention))
             .context("starting the journal writer thread")?;
         *shared.writer.lock() = Some(handle);
-        Ok(Journal { jobs, shared })
+        Ok(Journal {
+            jobs,
+            shared,
+            lookup,
+        })
+    }
+
+    /// The index of decisions by transaction id, account, merchant, device and IP.
+    pub fn lookup(&self) -> &Lookup {
+        &self.lookup
     }
 
     /// Reserves a place for one entry, or says at once that the queue is full.
@@ -189,7 +209,7 @@ impl Journal {
     /// Commits what is queued and stops the writer. Other clones must be dropped first for
     /// the writer to see the end of the queue; this waits for that.
     pub fn close(self) -> anyhow::Result<()> {
-        let Journal { jobs, shared } = self;
+        let Journal { jobs, shared, .. } = self;
         drop(jobs);
         let handle = shared.writer.lock().take();
         if let Some(handle) = handle {

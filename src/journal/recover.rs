@@ -22,6 +22,7 @@ use rusqlite::{params, Connection, OpenFlags, Row};
 use crate::domain::{Decision, Label, Reason, Scored, Transaction};
 use crate::engine::{Engine, ReplayCut};
 use crate::features::{usual_amount, FeatureVector, N_FEATURES};
+use crate::journal::{By, Lookup};
 use crate::proto;
 use crate::snapshot;
 use crate::state::TxFacts;
@@ -54,6 +55,7 @@ pub fn recover(
     engine: &Engine,
     data_dir: &Path,
     journal: &Path,
+    lookup: &Lookup,
     max_tracked: usize,
 ) -> anyhow::Result<Recovery> {
     let started = Instant::now();
@@ -66,6 +68,7 @@ pub fn recover(
     }
     let conn = Connection::open_with_flags(journal, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening the journal {} to replay it", journal.display()))?;
+    join_feedback(&conn, lookup, report.snapshot_seq)?;
     replay(engine, &conn, &cut, &mut report)?;
     restore_transactions(engine, &conn, max_tracked, &mut report)?;
     report.took = started.elapsed();
@@ -85,9 +88,9 @@ fn replay(
         "SELECT * FROM (\
            SELECT d.seq, 0, 0, d.features, {TX_COLUMNS} FROM decisions d WHERE d.seq > ?1 \
            UNION ALL \
-           SELECT f.seq, 1, f.fraud_delta, d.features, {TX_COLUMNS} FROM feedback f JOIN decisions d \
-             ON d.seq = (SELECT max(seq) FROM decisions WHERE transaction_id = f.transaction_id \
-             AND seq < f.seq) WHERE f.seq > ?1 AND f.fraud_delta != 0\
+           SELECT f.seq, 1, f.fraud_delta, d.features, {TX_COLUMNS} FROM feedback f \
+             JOIN temp.feedback_decision fd ON fd.feedback_seq = f.seq \
+             JOIN decisions d ON d.seq = fd.decision_seq WHERE f.seq > ?1\
          ) ORDER BY 1"
     ))?;
     let mut rows = stmt.query(params![report.snapshot_seq as i64])?;
@@ -122,6 +125,34 @@ fn replay(
     )?;
     if let Some(max) = max_seq {
         engine.advance_seq(max as u64);
+    }
+    Ok(())
+}
+
+/// `temp.feedback_decision`: for each feedback since the snapshot that changed fraud counts,
+/// the newest decision on its transaction before it (found through the lookup index, each
+/// candidate checked against the row).
+fn join_feedback(conn: &Connection, lookup: &Lookup, snapshot_seq: u64) -> anyhow::Result<()> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE feedback_decision \
+         (feedback_seq INTEGER PRIMARY KEY, decision_seq INTEGER NOT NULL)",
+    )
+    .context("creating the feedback-to-decision table")?;
+    let mut feedback = conn
+        .prepare("SELECT seq, transaction_id FROM feedback WHERE seq > ?1 AND fraud_delta != 0")?;
+    let mut is_row =
+        conn.prepare("SELECT 1 FROM decisions WHERE seq = ?1 AND transaction_id = ?2")?;
+    let mut insert = conn.prepare("INSERT INTO temp.feedback_decision VALUES (?1, ?2)")?;
+    let mut rows = feedback.query([snapshot_seq as i64])?;
+    while let Some(r) = rows.next()? {
+        let (seq, id): (i64, String) = (r.get(0)?, r.get(1)?);
+        for d in lookup.newest(By::Transaction, &id, 16)? {
+            let d = d as i64;
+            if d < seq && is_row.exists(params![d, id])? {
+                insert.execute(params![seq, d])?;
+                break;
+            }
+        }
     }
     Ok(())
 }

@@ -33,7 +33,6 @@ CREATE TABLE IF NOT EXISTS decisions (
     rule_hits        TEXT    NOT NULL DEFAULT ''  -- analysts' rules that hit, space-separated
                                                   -- id@version:ACTION:MODE
 );
-CREATE INDEX IF NOT EXISTS decisions_transaction ON decisions (transaction_id);
 CREATE INDEX IF NOT EXISTS decisions_scored_at ON decisions (scored_at_ms);
 -- The review queue: only the decisions a person looks at (a few in a hundred) are indexed,
 -- with the columns its filters read, so a filtered page reads no row it does not show.

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info};
 
 use super::encode::Buffers;
+use super::lookup::{Keys, Lookup};
 use super::{DecisionEntry, Entry, FeedbackEntry, Job, Shared};
 use crate::domain::Label;
 use crate::features::FEATURES;
@@ -48,6 +49,14 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
         .context("setting the busy timeout")?;
     conn.execute_batch(SCHEMA)
         .with_context(|| format!("creating the journal schema in {}", path.display()))?;
+    // Indexes on keys that arrive in no order live in the lookup index (`lookup.rs`), not
+    // here: dropped from journals written before it.
+    conn.execute_batch(
+        "DROP INDEX IF EXISTS decisions_transaction; DROP INDEX IF EXISTS decisions_account; \
+         DROP INDEX IF EXISTS decisions_device; DROP INDEX IF EXISTS decisions_ip; \
+         DROP INDEX IF EXISTS decisions_merchant;",
+    )
+    .context("dropping the journal's old lookup indexes")?;
     add_missing_columns(&conn)
         .with_context(|| format!("adding columns to the journal in {}", path.display()))?;
     conn.execute_batch(&features_view())
@@ -105,6 +114,7 @@ pub fn run(
     mut conn: Connection,
     mut jobs: mpsc::Receiver<Job>,
     shared: Arc<Shared>,
+    lookup: Lookup,
     retention: Option<Duration>,
 ) {
     let mut last_prune = Instant::now();
@@ -130,8 +140,15 @@ pub fn run(
         let result = set_synced(&conn, &mut synced_now, synced)
             .and_then(|()| commit(&mut conn, &batch, &mut text))
             .map_err(|e| format!("{e:#}"));
-        if let Err(e) = &result {
-            error!(error = %e, entries = batch.len(), "journal commit failed");
+        match &result {
+            Err(e) => error!(error = %e, entries = batch.len(), "journal commit failed"),
+            // After the commit, so the index never names a row the table lacks for long; a
+            // failure here loses no decision (the next start indexes from the table).
+            Ok(()) => {
+                if let Err(e) = lookup.add(batch.iter().filter_map(keys_of)) {
+                    error!(error = %format!("{e:#}"), "journal lookup index update failed");
+                }
+            }
         }
         for job in batch.drain(..) {
             let done = match job {
@@ -146,7 +163,7 @@ pub fn run(
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = Instant::now();
                 let upto = shared.snapshot_seq.load(Ordering::Relaxed);
-                match prune(&conn, keep, upto) {
+                match prune(&conn, &lookup, keep, upto) {
                     Ok(0) => {}
                     Ok(n) => info!(rows = n, "journal retention deleted old rows"),
                     Err(e) => error!(error = %format!("{e:#}"), "journal retention failed"),
@@ -158,6 +175,27 @@ pub fn run(
     // the journal is one self-contained file at rest.
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
         error!(error = %e, "journal checkpoint at close failed");
+    }
+}
+
+/// The lookup keys of a decision job.
+fn keys_of(job: &Job) -> Option<Keys<'_>> {
+    match job {
+        Job::Write {
+            entry: Entry::Decision(d),
+            ..
+        } => {
+            let t = &d.transaction;
+            Some(Keys {
+                seq: d.seq,
+                transaction_id: &t.transaction_id,
+                account_id: &t.account_id,
+                merchant_id: &t.merchant_id,
+                device_id: &t.device_id,
+                ip_address: &t.ip_address,
+            })
+        }
+        _ => None,
     }
 }
 
@@ -315,22 +353,45 @@ fn insert_feedback(tx: &Transaction, f: &FeedbackEntry) -> anyhow::Result<()> {
 
 /// Deletes rows older than `keep` whose sequence number a snapshot covers, a bounded number
 /// per call. Returns how many went.
-fn prune(conn: &Connection, keep: Duration, upto_seq: u64) -> anyhow::Result<usize> {
+fn prune(
+    conn: &Connection,
+    lookup: &Lookup,
+    keep: Duration,
+    upto_seq: u64,
+) -> anyhow::Result<usize> {
     let cutoff = now_ms() - keep.as_millis() as i64;
-    let mut deleted = 0;
-    for (table, time) in [
-        ("decisions", "scored_at_ms"),
-        ("feedback", "received_at_ms"),
-    ] {
-        deleted += conn
-            .execute(
-                &format!(
-                    "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} \
-                     WHERE {time} < ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3)"
-                ),
-                params![cutoff, upto_seq as i64, PRUNE_BATCH],
-            )
-            .with_context(|| format!("pruning {table}"))?;
-    }
+    let mut gone = conn
+        .prepare_cached(
+            "DELETE FROM decisions WHERE seq IN (SELECT seq FROM decisions \
+             WHERE scored_at_ms < ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3) \
+             RETURNING seq, transaction_id, account_id, merchant_id, device_id, ip_address",
+        )
+        .context("preparing the decisions' pruning")?;
+    let rows: Vec<(i64, [String; 5])> = gone
+        .query_map(params![cutoff, upto_seq as i64, PRUNE_BATCH], |r| {
+            Ok((
+                r.get(0)?,
+                [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?],
+            ))
+        })
+        .context("pruning decisions")?
+        .collect::<Result<_, _>>()
+        .context("pruning decisions")?;
+    lookup.remove(rows.iter().map(|(seq, s)| Keys {
+        seq: *seq as u64,
+        transaction_id: &s[0],
+        account_id: &s[1],
+        merchant_id: &s[2],
+        device_id: &s[3],
+        ip_address: &s[4],
+    }))?;
+    let feedback = conn
+        .execute(
+            "DELETE FROM feedback WHERE seq IN (SELECT seq FROM feedback \
+             WHERE received_at_ms < ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3)",
+            params![cutoff, upto_seq as i64, PRUNE_BATCH],
+        )
+        .context("pruning feedback")?;
+    let deleted = rows.len() + feedback;
     Ok(deleted)
 }

@@ -124,6 +124,7 @@ pub fn start_node(
         &engine,
         dir,
         &journal_path,
+        journal.lookup(),
         config.engine.max_tracked_transactions,
     )
     .context("recovering the state from the data directory")?;

@@ -199,10 +199,11 @@ pub async fn run(
     let _ = rules_cell.set(Arc::clone(&rules_admin));
     // The case tables and the indexes the case page reads cost the journal's writer an index
     // update per decision: made only when someone can log in to use them.
-    let cases = match &data {
-        Some(d) if !console.users.is_empty() => {
+    let cases = match (&data, node.journal()) {
+        (Some(d), Some(journal)) if !console.users.is_empty() => {
             let path = d.path.join(JOURNAL_FILE);
-            let opened = tokio::task::spawn_blocking(move || Cases::open(&path))
+            let lookup = journal.lookup().clone();
+            let opened = tokio::task::spawn_blocking(move || Cases::open(&path, lookup))
                 .await
                 .map_err(|e| anyhow::anyhow!("opening the case store: {e}"))??;
             Some(Arc::new(opened))
