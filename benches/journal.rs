@@ -4,7 +4,8 @@
 //! groups of the size it commits under load. The figure is the writer thread's own CPU time
 //! (user + system, from `/proc/self/task/<tid>/schedstat`), with the lookup index's background
 //! threads, divided by the decisions it committed: the cost the journal adds to a call, beside
-//! the call's own. Twice: transaction ids in order, and in no order (as UUIDs are).
+//! the call's own. Three times: transaction ids in order, in no order (as UUIDs are), and in
+//! no order with the lookups the console keeps (by account, merchant, device and IP).
 //!
 //!     cargo bench --bench journal
 
@@ -67,8 +68,9 @@ fn cpu_ns(tasks: &[PathBuf]) -> u64 {
 }
 
 fn bench(c: &mut Criterion) {
-    ids(c, false);
-    ids(c, true);
+    ids(c, false, false);
+    ids(c, true, false);
+    ids(c, true, true);
 }
 
 /// A transaction id: `j-<n>`, or (`random`) 32 hex digits that follow no order, as UUIDs do.
@@ -81,7 +83,7 @@ fn transaction_id(n: usize, random: bool) -> String {
     }
 }
 
-fn ids(c: &mut Criterion, random: bool) {
+fn ids(c: &mut Criterion, random: bool, neighbours: bool) {
     let requests: Vec<proto::ScoreRequest> = common::requests(ACCOUNTS, WARM + 400_000);
     let model = Model::embedded_default().expect("model");
     let policy = Policy::new(PolicyFile::default(), model.meta.thresholds).expect("policy");
@@ -91,6 +93,7 @@ fn ids(c: &mut Criterion, random: bool) {
         path: dir.path().join("journal.db"),
         retention: None,
         queue: 65_536,
+        neighbours,
     })
     .expect("journal");
     let node = Node::new(
@@ -145,10 +148,14 @@ fn ids(c: &mut Criterion, random: bool) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(4));
     group.bench_function(
-        if random {
-            "writer CPU per decision (async, 40,000/s, 2e5 rows warm, ids in no order)"
-        } else {
-            "writer CPU per decision (async, 40,000/s, 2e5 rows warm, ids in order)"
+        match (random, neighbours) {
+            (false, _) => "writer CPU per decision (async, 40,000/s, 2e5 rows warm, ids in order)",
+            (true, false) => {
+                "writer CPU per decision (async, 40,000/s, 2e5 rows warm, ids in no order)"
+            }
+            (true, true) => {
+                "writer CPU per decision (as above, with the console's neighbour lookups)"
+            }
         },
         |b| {
             b.iter_custom(|iters| {

@@ -88,10 +88,21 @@ pub const LOOKUP_DIR: &str = "journal-lookup";
 
 /// The high-water mark: the newest seq whose keys are in the index.
 const UPTO: &[u8] = b"upto";
+/// Which kinds of key the index holds (their tags): a change re-indexes from the start.
+const KINDS: &[u8] = b"kinds";
+const ALL: [By; 5] = [
+    By::Transaction,
+    By::Account,
+    By::Merchant,
+    By::Device,
+    By::Ip,
+];
 
 /// A handle on the lookup index; cheap to clone.
 #[derive(Clone)]
 pub struct Lookup {
+    /// The kinds kept: transaction ids always; the neighbours' keys only for the console.
+    kinds: &'static [By],
     keyspace: Keyspace,
     keys: PartitionHandle,
     meta: PartitionHandle,
@@ -112,8 +123,11 @@ fn prefix(by: By, value: &str) -> Vec<u8> {
 }
 
 impl Lookup {
-    /// Opens (or creates) the index in `dir`.
-    pub fn open(dir: &Path) -> anyhow::Result<Lookup> {
+    /// Opens (or creates) the index in `dir`: of transaction ids, and with `neighbours` of
+    /// accounts, merchants, devices and IPs too (the console's case pages read them; each
+    /// kind costs the writer about a microsecond a decision, so a server nobody logs in to
+    /// keeps only ids).
+    pub fn open(dir: &Path, neighbours: bool) -> anyhow::Result<Lookup> {
         let keyspace = Config::new(dir)
             // One of each: this box's cores belong to scoring.
             .flush_workers(1)
@@ -127,11 +141,34 @@ impl Lookup {
         let meta = keyspace
             .open_partition("meta", PartitionCreateOptions::default())
             .context("opening the lookup index's metadata")?;
-        Ok(Lookup {
+        let kinds: &'static [By] = if neighbours { &ALL } else { &ALL[..1] };
+        let tags: Vec<u8> = kinds.iter().map(|k| k.tag()).collect();
+        let lookup = Lookup {
+            kinds,
             keyspace,
             keys,
             meta,
-        })
+        };
+        let had = lookup
+            .meta
+            .get(KINDS)
+            .context("reading the lookup index's kinds")?;
+        if had.as_deref() != Some(&tags[..]) {
+            // Other kinds than last time: index every row again (keys are idempotent; a kind
+            // no longer kept is left, unread).
+            let mut batch = lookup.keyspace.batch();
+            batch.insert(&lookup.meta, KINDS, tags);
+            batch.insert(&lookup.meta, UPTO, 0u64.to_be_bytes());
+            batch
+                .commit()
+                .context("resetting the lookup index's mark")?;
+        }
+        Ok(lookup)
+    }
+
+    /// Whether lookups by `by` are kept.
+    pub fn keeps(&self, by: By) -> bool {
+        self.kinds.contains(&by)
     }
 
     /// The newest seq indexed (0 when none).
@@ -150,7 +187,7 @@ impl Lookup {
         let mut upto = None;
         for d in decisions {
             for (by, value) in d.each() {
-                if value.is_empty() {
+                if value.is_empty() || !self.kinds.contains(&by) {
                     continue;
                 }
                 let mut k = prefix(by, value);
@@ -256,7 +293,7 @@ mod tests {
     #[test]
     fn finds_newest_first_and_never_a_longer_value() {
         let dir = tempfile::tempdir().unwrap();
-        let l = Lookup::open(dir.path()).unwrap();
+        let l = Lookup::open(dir.path(), true).unwrap();
         l.add([
             keys(1, "t1", "acc"),
             keys(2, "t2", "acc2"),
@@ -271,8 +308,13 @@ mod tests {
         l.remove([keys(3, "t3", "acc")]).unwrap();
         assert_eq!(l.newest(By::Account, "acc", 10).unwrap(), vec![1]);
         drop(l);
-        let l = Lookup::open(dir.path()).unwrap();
+        let l = Lookup::open(dir.path(), true).unwrap();
         assert_eq!(l.newest(By::Merchant, "m", 10).unwrap(), vec![2, 1]);
         assert_eq!(l.upto().unwrap(), 3);
+        drop(l);
+        // Fewer kinds: the mark starts over, so turning the console on again re-indexes.
+        let l = Lookup::open(dir.path(), false).unwrap();
+        assert_eq!(l.upto().unwrap(), 0);
+        assert!(l.keeps(By::Transaction) && !l.keeps(By::Account));
     }
 }

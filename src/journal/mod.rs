@@ -104,6 +104,9 @@ pub struct JournalConfig {
     pub retention: Option<Duration>,
     /// Entries that may wait for the writer before requests are refused.
     pub queue: usize,
+    /// Keep lookups of decisions by account, merchant, device and IP (the console's case
+    /// pages), beside those by transaction id.
+    pub neighbours: bool,
 }
 
 /// The queue was full: the disk is not keeping up.
@@ -147,7 +150,10 @@ impl Journal {
     /// Opens (or creates) the journal file and starts its writer thread.
     pub fn open(config: JournalConfig) -> anyhow::Result<Journal> {
         let conn = writer::open(&config.path)?;
-        let lookup = Lookup::open(&config.path.with_file_name(lookup::LOOKUP_DIR))?;
+        let lookup = Lookup::open(
+            &config.path.with_file_name(lookup::LOOKUP_DIR),
+            config.neighbours,
+        )?;
         let added = lookup
             .catch_up(&conn)
             .context("indexing the journal's newest rows for lookup")?;

@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     rule_hits        TEXT    NOT NULL DEFAULT ''  -- analysts' rules that hit, space-separated
                                                   -- id@version:ACTION:MODE
 );
+-- No index on transaction_id, account_id, merchant_id, device_id or ip_address: keys in no
+-- order cost a B-tree a page write per row. Those lookups go through journal-lookup/
+-- (lookup.rs), an LSM tree the writer fills after each commit.
 CREATE INDEX IF NOT EXISTS decisions_scored_at ON decisions (scored_at_ms);
 -- The review queue: only the decisions a person looks at (a few in a hundred) are indexed,
 -- with the columns its filters read, so a filtered page reads no row it does not show.

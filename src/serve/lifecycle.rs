@@ -107,6 +107,7 @@ pub fn start_node(
         path: journal_path.clone(),
         retention: config.journal_retention,
         queue: config.journal_queue,
+        neighbours: config.console_users.as_ref().is_some_and(|u| !u.is_empty()),
     })?;
     let rules = Arc::new(RuleStore::open(&journal_path)?);
     let loaded = rules

@@ -197,8 +197,8 @@ pub async fn run(
         ),
     });
     let _ = rules_cell.set(Arc::clone(&rules_admin));
-    // The case tables and the indexes the case page reads cost the journal's writer an index
-    // update per decision: made only when someone can log in to use them.
+    // The case tables: made only when someone can log in to use them. The case page finds
+    // payments through the journal's lookup index.
     let cases = match (&data, node.journal()) {
         (Some(d), Some(journal)) if !console.users.is_empty() => {
             let path = d.path.join(JOURNAL_FILE);
