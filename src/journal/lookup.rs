@@ -72,6 +72,19 @@ pub struct Keys<'a> {
 }
 
 impl<'a> Keys<'a> {
+    /// A row's keys: `ids` are its transaction, account, merchant, device and IP columns in
+    /// that order (as [`ROW_COLUMNS`] reads them).
+    pub fn of_row(seq: u64, ids: &'a [String; 5]) -> Keys<'a> {
+        Keys {
+            seq,
+            transaction_id: &ids[0],
+            account_id: &ids[1],
+            merchant_id: &ids[2],
+            device_id: &ids[3],
+            ip_address: &ids[4],
+        }
+    }
+
     fn each(&self) -> [(By, &'a str); 5] {
         [
             (By::Transaction, self.transaction_id),
@@ -82,6 +95,9 @@ impl<'a> Keys<'a> {
         ]
     }
 }
+
+/// The `decisions` columns a row's keys are read from, after `seq`.
+pub const ROW_COLUMNS: &str = "transaction_id, account_id, merchant_id, device_id, ip_address";
 
 /// The directory of the index, beside the journal file.
 pub const LOOKUP_DIR: &str = "journal-lookup";
@@ -240,22 +256,14 @@ impl Lookup {
     /// index's tail, or for a journal written before the index existed.
     pub fn catch_up(&self, conn: &Connection) -> anyhow::Result<u64> {
         let from = self.upto()?;
-        let mut stmt = conn.prepare(
-            "SELECT seq, transaction_id, account_id, merchant_id, device_id, ip_address \
-             FROM decisions WHERE seq > ?1 ORDER BY seq",
-        )?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT seq, {ROW_COLUMNS} FROM decisions WHERE seq > ?1 ORDER BY seq"
+        ))?;
         let mut rows = stmt.query([from as i64])?;
         let mut chunk: Vec<(u64, [String; 5])> = Vec::with_capacity(10_000);
         let mut added = 0u64;
         let flush = |chunk: &mut Vec<(u64, [String; 5])>| -> anyhow::Result<()> {
-            self.add(chunk.iter().map(|(seq, s)| Keys {
-                seq: *seq,
-                transaction_id: &s[0],
-                account_id: &s[1],
-                merchant_id: &s[2],
-                device_id: &s[3],
-                ip_address: &s[4],
-            }))?;
+            self.add(chunk.iter().map(|(seq, ids)| Keys::of_row(*seq, ids)))?;
             chunk.clear();
             Ok(())
         };

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info};
 
 use super::encode::Buffers;
-use super::lookup::{Keys, Lookup};
+use super::lookup::{Keys, Lookup, ROW_COLUMNS};
 use super::{DecisionEntry, Entry, FeedbackEntry, Job, Shared};
 use crate::domain::Label;
 use crate::features::FEATURES;
@@ -361,11 +361,11 @@ fn prune(
 ) -> anyhow::Result<usize> {
     let cutoff = now_ms() - keep.as_millis() as i64;
     let mut gone = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "DELETE FROM decisions WHERE seq IN (SELECT seq FROM decisions \
              WHERE scored_at_ms < ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3) \
-             RETURNING seq, transaction_id, account_id, merchant_id, device_id, ip_address",
-        )
+             RETURNING seq, {ROW_COLUMNS}"
+        ))
         .context("preparing the decisions' pruning")?;
     let rows: Vec<(i64, [String; 5])> = gone
         .query_map(params![cutoff, upto_seq as i64, PRUNE_BATCH], |r| {
@@ -377,14 +377,7 @@ fn prune(
         .context("pruning decisions")?
         .collect::<Result<_, _>>()
         .context("pruning decisions")?;
-    lookup.remove(rows.iter().map(|(seq, s)| Keys {
-        seq: *seq as u64,
-        transaction_id: &s[0],
-        account_id: &s[1],
-        merchant_id: &s[2],
-        device_id: &s[3],
-        ip_address: &s[4],
-    }))?;
+    lookup.remove(rows.iter().map(|(seq, ids)| Keys::of_row(*seq as u64, ids)))?;
     let feedback = conn
         .execute(
             "DELETE FROM feedback WHERE seq IN (SELECT seq FROM feedback \
