@@ -522,8 +522,13 @@ impl Engine {
         });
     }
 
-    /// Forgets the accounts of partition `p`; returns how many there were.
+    /// Forgets partition `p`: its accounts and its stored transactions, so that a later
+    /// rebuild from the ledger leaves exactly what the ledger holds (an answer kept from
+    /// before, whose ledger entry never landed, would be replayed and never written).
+    /// Returns how many accounts there were.
     pub fn forget_account_partition(&self, p: usize) -> usize {
+        self.txs
+            .forget_where(|facts| crate::state::partitioned::partition(facts.account) == p);
         self.state.forget_account_partition(p)
     }
 }

@@ -154,6 +154,19 @@ impl TxStore {
         })
     }
 
+    /// Forgets every transaction whose facts match `forget` (a partition given up: a later
+    /// return rebuilds them from the ledger, and must find none left over, or a scoring the
+    /// ledger never got would be answered from here and never written). Returns how many.
+    ///
+    /// Their keys stay in the eviction order until they reach its front: a transaction
+    /// stored again meanwhile is forgotten from the position of its first scoring, as if it
+    /// had never left.
+    pub fn forget_where(&self, forget: impl Fn(&TxFacts) -> bool) -> usize {
+        let before = self.map.len();
+        self.map.retain(|_, rec| !forget(&rec.facts));
+        before.saturating_sub(self.map.len())
+    }
+
     /// The entities of `key`'s transaction, if it is known.
     pub fn facts(&self, key: TxKey) -> Option<TxFacts> {
         self.map.get(&key).map(|r| r.facts)
@@ -215,6 +228,27 @@ mod tests {
         assert_eq!(store.score_once(3, 8, scored), Err(Conflict));
         let (_, replayed) = store.score_once(1, 7, scored).unwrap();
         assert!(!replayed, "a forgotten transaction is scored afresh");
+    }
+
+    #[test]
+    fn forgetting_by_facts_leaves_the_others_and_scores_the_forgotten_afresh() {
+        let store = TxStore::new(10);
+        let on = |account: u64| {
+            move || {
+                let (mut facts, scored) = scored();
+                facts.account = account;
+                (facts, scored)
+            }
+        };
+        store.score_once(1, 7, on(10)).unwrap();
+        store.score_once(2, 7, on(20)).unwrap();
+        store.score_once(3, 7, on(10)).unwrap();
+        assert_eq!(store.forget_where(|f| f.account == 10), 2);
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.label(1), Err(NotFound));
+        assert!(store.score_once(2, 7, on(20)).unwrap().1, "kept");
+        assert!(!store.score_once(1, 7, on(10)).unwrap().1, "scored afresh");
+        assert_eq!(store.forget_where(|f| f.account == 99), 0);
     }
 
     #[test]

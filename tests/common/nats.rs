@@ -33,8 +33,14 @@ impl NatsServer {
     /// Kills the server and starts it again on the same port and store: streams,
     /// consumers and their acknowledgements survive, connections do not.
     pub async fn restart(&mut self) {
+        self.restart_after(Duration::ZERO).await;
+    }
+
+    /// As [`NatsServer::restart`], with the server down for `down` in between.
+    pub async fn restart_after(&mut self, down: Duration) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        tokio::time::sleep(down).await;
         self.child = spawn(self.port, self._store.path());
         self.wait_ready().await;
     }
