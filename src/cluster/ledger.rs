@@ -12,7 +12,7 @@
 //! label), so a rewrite after a failure is dropped as a duplicate.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,15 +21,12 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
-use parking_lot::Mutex;
 use prost::Message as _;
-use rustc_hash::FxBuildHasher;
 use tokio::sync::watch;
 
 use super::Shared;
 use crate::domain::{Decision, Feedback, Label, Reason, Scored, Transaction};
 use crate::engine::Engine;
-use crate::ids::{tx_key, TxKey};
 use crate::journal::recover::{intern, reason_text};
 use crate::proto::{self, ledger_entry};
 use crate::state::partitioned::PARTITIONS;
@@ -52,10 +49,6 @@ pub struct Ledger {
     /// until ownership has stopped them all and read the owners again.
     lapsed: AtomicBool,
     epoch: Instant,
-    /// Scorings whose entry was made here and not yet acknowledged by the ledger, with
-    /// their partition: a stored answer among them is written again when its input comes
-    /// back. Entries leave on acknowledgement, or when their partition is given up.
-    unconfirmed: Mutex<HashMap<TxKey, u8, FxBuildHasher>>,
 }
 
 impl Ledger {
@@ -67,7 +60,6 @@ impl Ledger {
             renewed_ms: AtomicU64::new(0),
             lapsed: AtomicBool::new(false),
             epoch: Instant::now(),
-            unconfirmed: Mutex::new(HashMap::default()),
         }
     }
 
@@ -82,12 +74,6 @@ impl Ledger {
     /// Whether the lease ran out since ownership last cleared it; clears it.
     pub(crate) fn take_lapse(&self) -> bool {
         self.lapsed.swap(false, Ordering::AcqRel)
-    }
-
-    /// Forgets the unconfirmed scorings of partition `p`, given up: whoever takes it next
-    /// rebuilds from what the ledger holds, and scores afresh what it does not.
-    pub(crate) fn forget_partition(&self, p: usize) {
-        self.unconfirmed.lock().retain(|_, q| usize::from(*q) != p);
     }
 
     pub(crate) fn set_running(&self, p: usize, running: bool) {
@@ -140,7 +126,6 @@ impl Record for Ledger {
         input_seq: u64,
         usual_amount: bool,
     ) -> (String, PublishMessage) {
-        self.unconfirmed.lock().insert(tx_key(id), p as u8);
         let entry = proto::LedgerEntry {
             origin: self.origin.clone(),
             entry: Some(ledger_entry::Entry::Scored(proto::LedgerScored {
@@ -151,14 +136,6 @@ impl Record for Ledger {
             })),
         };
         (self.subject(p), publish(&entry, id.to_owned()))
-    }
-
-    fn unconfirmed(&self, id: &str) -> bool {
-        self.unconfirmed.lock().contains_key(&tx_key(id))
-    }
-
-    fn confirmed(&self, id: &str) {
-        self.unconfirmed.lock().remove(&tx_key(id));
     }
 
     /// The entry for a label about to be applied to a transaction with `facts`, currently
@@ -442,7 +419,7 @@ pub(crate) async fn rebuild(shared: &Shared, p: usize) -> anyhow::Result<Rebuilt
                         proto::Label::Fraud => Label::Fraud,
                         _ => Label::Legitimate,
                     };
-                    engine.rebuild_label(tx_key(&l.transaction_id), label);
+                    engine.rebuild_label(crate::ids::tx_key(&l.transaction_id), label);
                     report.labels += 1;
                 }
             }

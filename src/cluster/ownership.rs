@@ -329,13 +329,11 @@ async fn finish(mut r: Running) {
     }
 }
 
-/// Drops the accounts and stored transactions of a partition this node no longer runs (and
-/// its unconfirmed ledger writes): the next owner's copy is the one that counts, and a later
-/// return rebuilds from the ledger.
+/// Drops the accounts and stored transactions of a partition this node no longer runs: the
+/// next owner's copy is the one that counts, and a later return rebuilds from the ledger.
 fn forget(shared: &Shared, role: Role) {
     if let Role::Partition(p) = role {
         shared.node.engine().forget_account_partition(p);
-        shared.ledger.forget_partition(p);
     }
 }
 

@@ -42,8 +42,7 @@ pub trait Record: Send + Sync {
     fn check_lease(&self) -> bool;
     /// Whether this node runs account partition `p`.
     fn runs(&self, p: usize) -> bool;
-    /// The entry (subject, message) recording a fresh scoring of partition `p`; the
-    /// scoring counts as unconfirmed until [`Record::confirmed`].
+    /// The entry (subject, message) recording a fresh scoring of partition `p`.
     fn scored(
         &self,
         p: usize,
@@ -53,11 +52,6 @@ pub trait Record: Send + Sync {
         input_seq: u64,
         usual_amount: bool,
     ) -> (String, PublishMessage);
-    /// Whether an entry for transaction `id` was made here and its write not yet
-    /// acknowledged: a stored answer for it must be written again when it comes back.
-    fn unconfirmed(&self, id: &str) -> bool;
-    /// The ledger acknowledged the entry for transaction `id`.
-    fn confirmed(&self, id: &str);
     /// The entry recording a label about to be applied to a transaction this node holds.
     fn labelled(
         &self,
@@ -130,8 +124,7 @@ struct Decided {
 /// A published decision whose acknowledgements are awaited.
 struct Published {
     message: Message,
-    /// Cluster mode: the ledger's acknowledgement, and the transaction id it confirms.
-    recorded: Option<(PublishAckFuture, String)>,
+    recorded: Option<PublishAckFuture>,
     ack: PublishAckFuture,
     outcome: &'static str,
     /// The gRPC door waiting for the answer, and the answer.
@@ -215,13 +208,12 @@ impl Ingest {
                             "scored"
                         };
                         // Written for a fresh scoring, and again (dropped as a duplicate
-                        // of the same id) for a stored answer whose write was never
-                        // acknowledged; never for a retry of an answer the ledger holds.
-                        // Not by delivery count: a consumer replaced at its ack floor, or
-                        // one whose state a NATS crash lost, delivers again as a first.
+                        // of the same id) for a re-delivery whose first write may have
+                        // failed; never for a client's retry of an answered transaction.
+                        let redelivered = message.info().is_ok_and(|i| i.delivered > 1);
                         let record = match (ledger, &self.record) {
                             (Some((p, raw, usual)), Some(record))
-                                if !traced.outcome.replayed || record.unconfirmed(&id) =>
+                                if !traced.outcome.replayed || redelivered =>
                             {
                                 let answer = to_proto(id.clone(), &traced.outcome);
                                 let input = message.info().map_or(0, |i| i.stream_sequence);
@@ -295,7 +287,7 @@ impl Ingest {
             let recorded = match record {
                 Some((subject, publish)) => {
                     match self.nats.jetstream().send_publish(subject, publish).await {
-                        Ok(ack) => Some((ack, response.transaction_id.clone())),
+                        Ok(ack) => Some(ack),
                         Err(e) => {
                             warn!(error = %e, "writing the ledger; the message will come back");
                             nak(&message, RETRY_AFTER).await;
@@ -332,15 +324,12 @@ impl Ingest {
     /// consumer for minutes), then acknowledges each input and answers a waiting door.
     async fn settle_all(&self, published: Vec<Published>) {
         let settle = published.into_iter().map(|p| async move {
-            if let Some((recorded, id)) = p.recorded {
+            if let Some(recorded) = p.recorded {
                 if let Err(e) = recorded.await {
                     warn!(error = %e, "the ledger did not acknowledge; the message will come back");
                     self.metrics.stream_message("transactions", "retry");
                     nak(&p.message, RETRY_AFTER).await;
                     return;
-                }
-                if let Some(record) = &self.record {
-                    record.confirmed(&id);
                 }
             }
             match p.ack.await {
