@@ -25,6 +25,8 @@ const PRUNE_BATCH: i64 = 5_000;
 /// How long the writer gathers entries nobody waits on before committing them: the bound on
 /// how late an `async` decision reaches the journal, beyond the commit itself.
 const GATHER: Duration = Duration::from_millis(2);
+/// WAL pages written between checkpoints (see `open`).
+const WAL_PAGES: i64 = 10_000;
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
@@ -45,6 +47,12 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
     );
     conn.pragma_update(None, "synchronous", "FULL")
         .context("setting synchronous = FULL")?;
+    // Fold the WAL back into the file every 10,000 pages (~40 MB) rather than SQLite's 1,000:
+    // under load the checkpoint's copying was a third of the writer's CPU (12% of a serving
+    // process's samples under `perf`, 0.7% after), and a synced commit stays synced either
+    // way (the WAL is the durable copy; a checkpoint only moves pages).
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES)
+        .context("setting wal_autocheckpoint")?;
     conn.busy_timeout(Duration::from_secs(5))
         .context("setting the busy timeout")?;
     conn.execute_batch(SCHEMA)
