@@ -618,6 +618,13 @@ async fn partitions_move_on_join_and_restart_without_losing_an_account() {
     for (id, w) in &want {
         assert_same_features(&got[id], w);
     }
+    // j1 renewed its membership throughout: it never read itself as gone (a members read
+    // that missed a live node's heartbeat once stopped all its roles).
+    let log = n1.process.log();
+    assert!(
+        !log.contains("not a live member"),
+        "j1 read itself as not a member:\n{log}"
+    );
     drop(n2);
 }
 

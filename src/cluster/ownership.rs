@@ -78,6 +78,41 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, mut stop: watch::Receiver<boo
     }
 }
 
+/// The live members, sorted: the names whose last entry in the members bucket is a
+/// heartbeat (a node that left wrote a delete; an expired heartbeat is gone from the stream).
+///
+/// Read from the bucket's stream (the subjects it holds, then each one's last entry), not
+/// with `Store::keys`: that opens an ordered consumer per call and ends when the pending
+/// count it was created with says so, and on nats-server 2.9 a key rewritten while the
+/// consumer is created can be left out. A node then read its own heartbeat as missing and
+/// stopped every role it ran (seen in the cluster tests).
+async fn live_members(bucket: &async_nats::jetstream::kv::Store) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context as _;
+    let subjects: Vec<(String, usize)> = bucket
+        .stream
+        .info_with_subjects(format!("{}>", bucket.prefix))
+        .await
+        .context("listing the members bucket's subjects")?
+        .try_collect()
+        .await
+        .context("listing the members bucket's subjects")?;
+    let mut members = Vec::with_capacity(subjects.len());
+    for (subject, _) in subjects {
+        let Some(name) = subject.strip_prefix(bucket.prefix.as_str()) else {
+            continue;
+        };
+        let entry = bucket
+            .entry(name)
+            .await
+            .with_context(|| format!("reading the membership of {name}"))?;
+        if entry.is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put) {
+            members.push(name.to_owned());
+        }
+    }
+    members.sort();
+    Ok(members)
+}
+
 /// A role this node is running.
 struct Running {
     stop: watch::Sender<bool>,
@@ -128,8 +163,7 @@ async fn tick(shared: &Arc<Shared>, running: &mut HashMap<Role, Running>) -> any
             forget(shared, role);
         }
     }
-    let mut members: Vec<String> = shared.members.keys().await?.try_collect().await?;
-    members.sort();
+    let members = live_members(&shared.members).await?;
     if !members.contains(&shared.name) {
         // Not (or no longer) a member: whatever it runs may be taken by others.
         for (role, r) in running.drain() {
@@ -138,61 +172,77 @@ async fn tick(shared: &Arc<Shared>, running: &mut HashMap<Role, Running>) -> any
         }
         return Ok(());
     }
+    // One role's failed read or write is retried on the next tick; it does not hold up
+    // the hand-over of the roles after it.
     for role in Role::all() {
-        let key = role.key();
-        let entry = shared.owners.entry(&key).await?;
-        let (owner, revision) = match &entry {
-            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => (
-                String::from_utf8_lossy(&e.value).into_owned(),
-                Some(e.revision),
-            ),
-            Some(e) => (String::new(), Some(e.revision)),
-            None => (String::new(), None),
-        };
-        let mine = owner == shared.name;
-        let wanted = target(role, &members) == Some(shared.name.as_str());
-        match (mine, wanted) {
-            (true, true) => {
-                running.entry(role).or_insert_with(|| start(shared, role));
+        if let Err(e) = step(shared, running, role, &members).await {
+            warn!(role = %role.key(), error = %format!("{e:#}"), "cluster ownership; retrying on the next tick");
+        }
+    }
+    Ok(())
+}
+
+/// Takes, keeps, releases or stops one role, by what the owners bucket says and where the
+/// role belongs among `members`.
+async fn step(
+    shared: &Arc<Shared>,
+    running: &mut HashMap<Role, Running>,
+    role: Role,
+    members: &[String],
+) -> anyhow::Result<()> {
+    let key = role.key();
+    let entry = shared.owners.entry(&key).await?;
+    let (owner, revision) = match &entry {
+        Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => (
+            String::from_utf8_lossy(&e.value).into_owned(),
+            Some(e.revision),
+        ),
+        Some(e) => (String::new(), Some(e.revision)),
+        None => (String::new(), None),
+    };
+    let mine = owner == shared.name;
+    let wanted = target(role, members) == Some(shared.name.as_str());
+    match (mine, wanted) {
+        (true, true) => {
+            running.entry(role).or_insert_with(|| start(shared, role));
+        }
+        (true, false) => {
+            if let Some(r) = running.remove(&role) {
+                finish(r).await;
             }
-            (true, false) => {
-                if let Some(r) = running.remove(&role) {
-                    finish(r).await;
+            forget(shared, role);
+            if let Some(rev) = revision {
+                match shared.owners.update(&key, bytes::Bytes::new(), rev).await {
+                    Ok(_) => info!(role = %key, "released"),
+                    Err(e) => warn!(role = %key, error = %e, "releasing"),
                 }
+            }
+        }
+        (false, true) => {
+            if let Some(r) = running.remove(&role) {
+                finish(r).await;
+            }
+            // The member list was read at the start of the tick: an owner missing from
+            // it may have joined since. Only a free role or a gone owner's is taken.
+            let gone = owner.is_empty()
+                || (!members.contains(&owner) && shared.members.get(&owner).await?.is_none());
+            if gone {
+                let me = bytes::Bytes::from(shared.name.clone());
+                let taken = match revision {
+                    Some(rev) => shared.owners.update(&key, me, rev).await.is_ok(),
+                    None => shared.owners.create(&key, me).await.is_ok(),
+                };
+                if taken {
+                    info!(role = %key, from = %owner, "taken");
+                    running.insert(role, start(shared, role));
+                }
+            }
+        }
+        (false, false) => {
+            if let Some(r) = running.remove(&role) {
+                warn!(role = %key, %owner, "owned by another node: stopping");
+                finish(r).await;
                 forget(shared, role);
-                if let Some(rev) = revision {
-                    match shared.owners.update(&key, bytes::Bytes::new(), rev).await {
-                        Ok(_) => info!(role = %key, "released"),
-                        Err(e) => warn!(role = %key, error = %e, "releasing"),
-                    }
-                }
-            }
-            (false, true) => {
-                if let Some(r) = running.remove(&role) {
-                    finish(r).await;
-                }
-                // The member list was read at the start of the tick: an owner missing from
-                // it may have joined since. Only a free role or a gone owner's is taken.
-                let gone = owner.is_empty()
-                    || (!members.contains(&owner) && shared.members.get(&owner).await?.is_none());
-                if gone {
-                    let me = bytes::Bytes::from(shared.name.clone());
-                    let taken = match revision {
-                        Some(rev) => shared.owners.update(&key, me, rev).await.is_ok(),
-                        None => shared.owners.create(&key, me).await.is_ok(),
-                    };
-                    if taken {
-                        info!(role = %key, from = %owner, "taken");
-                        running.insert(role, start(shared, role));
-                    }
-                }
-            }
-            (false, false) => {
-                if let Some(r) = running.remove(&role) {
-                    warn!(role = %key, %owner, "owned by another node: stopping");
-                    finish(r).await;
-                    forget(shared, role);
-                }
             }
         }
     }

@@ -198,6 +198,11 @@ impl ServerProcess {
         assert!(status.success(), "kill {signal} failed");
     }
 
+    /// Everything the process has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
     /// Waits for the process to exit; returns its status and everything it logged. Blocks
     /// the thread: call it from a multi-thread runtime, or this test's own client connections
     /// go unpolled and hold the server's graceful shutdown until its grace period ends.
@@ -223,6 +228,20 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
+        // A failing test shows the end of each server's log with its panic message: CI
+        // keeps no other trace of what the server saw.
+        if std::thread::panicking() {
+            if let Ok(log) = self.log.lock() {
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(60)..];
+                eprintln!(
+                    "--- the last {} lines of fraudgate's log (port {}) ---\n{}\n---",
+                    tail.len(),
+                    self.port,
+                    tail.join("\n")
+                );
+            }
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
