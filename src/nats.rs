@@ -327,6 +327,15 @@ pub async fn consume(
     let subject = source.subject();
     let mut retry = Retry::starting_at(Duration::from_millis(100));
     while !*stop.borrow() {
+        // A handler that may not act opens no pull: on a durable consumer another node may
+        // now own, whatever it pulled it would hold back from that node and hand back
+        // late, behind that node's later messages.
+        if !handler.admits() {
+            if !wait_unless_stopped(&mut stop, Duration::from_millis(100)).await {
+                break;
+            }
+            continue;
+        }
         let batches = match batches(nats, source).await {
             Ok(b) => b,
             Err(e) => {
@@ -369,11 +378,12 @@ pub async fn consume(
             }
             failing = 0;
             if !handler.admits() {
+                // Handed back, and the pull closed until the handler may act again.
                 warn!(%subject, "cluster membership not renewed: leaving this batch");
                 for m in &messages {
                     nak(m, RETRY_AFTER).await;
                 }
-                continue;
+                break;
             }
             handler.handle(messages).await;
         }

@@ -71,9 +71,15 @@ impl Ledger {
         self.renewed_ms.store(now.max(1), Ordering::Release);
     }
 
-    /// Whether the lease ran out since ownership last cleared it; clears it.
-    pub(crate) fn take_lapse(&self) -> bool {
-        self.lapsed.swap(false, Ordering::AcqRel)
+    /// Whether the lease ran out since ownership last cleared it.
+    pub(crate) fn lapsed(&self) -> bool {
+        self.lapsed.load(Ordering::Acquire)
+    }
+
+    /// Clears a lapse: only once ownership has stopped every role, so that no role acts
+    /// on the renewed lease in between.
+    pub(crate) fn clear_lapse(&self) {
+        self.lapsed.store(false, Ordering::Release);
     }
 
     pub(crate) fn set_running(&self, p: usize, running: bool) {
@@ -95,7 +101,7 @@ impl Ledger {
 impl Record for Ledger {
     /// Checks whether this process may still act as an owner: it renewed its membership
     /// within half the membership's lifetime. Not a plain query: a lease found run out is
-    /// recorded as a lapse (which [`Ledger::take_lapse`] then reports), so the check and
+    /// recorded as a lapse (which [`Ledger::lapsed`] then reports), so the check and
     /// the fence that follows it cannot disagree. Another node takes a role only after the membership has
     /// expired, so an owner that cannot renew (cut off, or paused) stops acting well before
     /// anyone else can start: at most one owner acts at a time.

@@ -92,10 +92,10 @@ async fn live_members(bucket: &async_nats::jetstream::kv::Store) -> anyhow::Resu
         .stream
         .info_with_subjects(format!("{}>", bucket.prefix))
         .await
-        .context("listing the members bucket's subjects")?
+        .context("asking for the members bucket's stream info")?
         .try_collect()
         .await
-        .context("listing the members bucket's subjects")?;
+        .context("reading the members bucket's subjects from its stream info")?;
     let mut members = Vec::with_capacity(subjects.len());
     for (subject, _) in subjects {
         let Some(name) = subject.strip_prefix(bucket.prefix.as_str()) else {
@@ -154,14 +154,18 @@ pub(super) async fn run(
 }
 
 async fn tick(shared: &Arc<Shared>, running: &mut HashMap<Role, Running>) -> anyhow::Result<()> {
-    if shared.ledger.take_lapse() {
+    if shared.ledger.lapsed() {
         // Its roles may have been taken while it could not renew: stop them all, and take
-        // back (rebuilt) whatever the owners bucket still says is its own.
+        // back (rebuilt) whatever the owners bucket still says is its own. The lapse is
+        // cleared only after the last has stopped: until then every role's consumer reads
+        // the lease as run out and pulls nothing (cleared first, a role still running read
+        // the renewed lease and pulled from the consumer its new owner had made).
         for (role, r) in running.drain() {
             warn!(role = %role.key(), "the membership lapsed: stopping");
             finish(r).await;
             forget(shared, role);
         }
+        shared.ledger.clear_lapse();
     }
     let members = live_members(&shared.members).await?;
     if !members.contains(&shared.name) {
