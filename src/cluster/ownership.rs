@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures::TryStreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -87,7 +88,6 @@ pub(super) async fn heartbeat(shared: Arc<Shared>, mut stop: watch::Receiver<boo
 /// consumer is created can be left out. A node then read its own heartbeat as missing and
 /// stopped every role it ran (seen in the cluster tests).
 async fn live_members(bucket: &async_nats::jetstream::kv::Store) -> anyhow::Result<Vec<String>> {
-    use anyhow::Context as _;
     let subjects: Vec<(String, usize)> = bucket
         .stream
         .info_with_subjects(format!("{}>", bucket.prefix))
@@ -346,7 +346,6 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
 /// consumer is replaced by one starting right after its acknowledgement floor; what the
 /// previous owner had finished past the floor comes again and gets its stored answer.
 async fn resume_at_ack_floor(shared: &Shared, source: &Source) -> anyhow::Result<Option<u64>> {
-    use anyhow::Context as _;
     let stream = shared
         .nats
         .jetstream
