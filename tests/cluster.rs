@@ -670,6 +670,24 @@ async fn a_paused_node_loses_its_partitions_and_acts_on_none_of_them() {
     for (id, w) in &want {
         assert_same_features(&got[id], w);
     }
+    // Half the partitions went to s1 and back, and each new owner deleted the consumers
+    // before it made its own: one consumer per partition is left, its owner's.
+    let owners = settled(&js, &["s1", "s2"]).await;
+    let stream = js.get_stream("FRAUDGATE_PARTITIONED").await.unwrap();
+    let names: Vec<String> = futures::TryStreamExt::try_collect(stream.consumer_names())
+        .await
+        .unwrap();
+    for p in 0..64 {
+        let of_p: Vec<&String> = names
+            .iter()
+            .filter(|n| n.starts_with(&format!("fraudgate-part-{p}-")))
+            .collect();
+        let owner = &owners[&format!("part.{p}")];
+        assert!(
+            of_p.len() == 1 && of_p[0].starts_with(&format!("fraudgate-part-{p}-{owner}-")),
+            "partition {p}, owned by {owner}: consumers {of_p:?}"
+        );
+    }
 }
 
 /// nats-server restarts under a running two-node cluster, in the middle of a stream: the

@@ -253,7 +253,9 @@ async fn step(
     Ok(())
 }
 
-/// Starts running `role`: a partition is rebuilt from the ledger first.
+/// Starts running `role`: the previous owner's consumer is fenced off first, then a
+/// partition is rebuilt from the ledger, then the role consumes from where that consumer's
+/// acknowledgements end.
 fn start(shared: &Arc<Shared>, role: Role) -> Running {
     let (stop_tx, mut stop) = watch::channel(false);
     let shared = Arc::clone(shared);
@@ -262,50 +264,54 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
         let mut source = match role {
             Role::Router => Source {
                 stream: nats.stream_name("transactions"),
-                durable: format!("{}-router", nats.config.consumer),
+                durable: durable(&shared, role),
                 filter: String::new(),
                 only_new: false,
                 start_at: None,
             },
-            Role::Partition(p) => {
-                forget(&shared, role);
-                let mut retry = crate::nats::Retry::starting_at(Duration::from_millis(200));
-                loop {
-                    match super::ledger::rebuild(&shared, p).await {
-                        Ok(r) => {
-                            info!(partition = p, scorings = r.scorings, labels = r.labels, took = ?r.took, "partition rebuilt from the ledger");
-                            break;
-                        }
-                        Err(e) => {
-                            let delay = retry.delay();
-                            warn!(partition = p, error = %format!("{e:#}"), retry_in = ?delay, "rebuilding; retrying");
-                            forget(&shared, role);
-                            if !crate::nats::wait_unless_stopped(&mut stop, delay).await {
-                                return;
-                            }
-                        }
-                    }
-                }
-                Source {
-                    stream: nats.stream_name("partitioned"),
-                    durable: format!("{}-part-{p}", nats.config.consumer),
-                    filter: nats.partition_subject(p),
-                    only_new: false,
-                    start_at: None,
-                }
-            }
+            Role::Partition(p) => Source {
+                stream: nats.stream_name("partitioned"),
+                durable: durable(&shared, role),
+                filter: nats.partition_subject(p),
+                only_new: false,
+                start_at: None,
+            },
         };
+        // Before the rebuild: once the previous owner's consumer is gone, nothing it still
+        // finishes can be acknowledged past the floor read here, so everything at or below
+        // the floor is in the ledger the rebuild reads.
+        let mut retry = crate::nats::Retry::starting_at(Duration::from_millis(200));
         loop {
-            match resume_at_ack_floor(&shared, &source).await {
+            match take_over(&shared, &source.stream, role).await {
                 Ok(start_at) => {
                     source.start_at = start_at;
                     break;
                 }
                 Err(e) => {
-                    warn!(role = %role.key(), error = %format!("{e:#}"), "resetting the consumer; retrying");
-                    tokio::select! {
-                        _ = stop.changed() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    let delay = retry.delay();
+                    warn!(role = %role.key(), error = %format!("{e:#}"), retry_in = ?delay, "taking over the consumer; retrying");
+                    if !crate::nats::wait_unless_stopped(&mut stop, delay).await {
+                        return;
+                    }
+                }
+            }
+        }
+        if let Role::Partition(p) = role {
+            forget(&shared, role);
+            let mut retry = crate::nats::Retry::starting_at(Duration::from_millis(200));
+            loop {
+                match super::ledger::rebuild(&shared, p).await {
+                    Ok(r) => {
+                        info!(partition = p, scorings = r.scorings, labels = r.labels, took = ?r.took, "partition rebuilt from the ledger");
+                        break;
+                    }
+                    Err(e) => {
+                        let delay = retry.delay();
+                        warn!(partition = p, error = %format!("{e:#}"), retry_in = ?delay, "rebuilding; retrying");
+                        forget(&shared, role);
+                        if !crate::nats::wait_unless_stopped(&mut stop, delay).await {
+                            return;
+                        }
                     }
                 }
             }
@@ -341,29 +347,74 @@ fn start(shared: &Arc<Shared>, role: Role) -> Running {
     }
 }
 
-/// The previous owner's consumer would deliver the messages it left unacknowledged only
-/// after their ack wait, behind newer ones: an account's transactions out of order. So the
-/// consumer is replaced by one starting right after its acknowledgement floor; what the
-/// previous owner had finished past the floor comes again and gets its stored answer.
-async fn resume_at_ack_floor(shared: &Shared, source: &Source) -> anyhow::Result<Option<u64>> {
+/// The durable consumer names of a role: `<consumer>-router` or `<consumer>-part-<p>`
+/// (the name before consumers were named per process start), followed by `-<origin>`.
+fn stem(shared: &Shared, role: Role) -> String {
+    match role {
+        Role::Router => format!("{}-router", shared.nats.config.consumer),
+        Role::Partition(p) => format!("{}-part-{p}", shared.nats.config.consumer),
+    }
+}
+
+/// This process's consumer for `role`. Named by the process start (node names are letters,
+/// digits, `-` and `_`; the origin's `/` becomes `-`): an owner that lost its role, paused
+/// or cut off, can then pull from, acknowledge on and hand back to only its own consumer,
+/// which the next owner deletes. (With one name for every owner, a resumed node's client
+/// sent a pull to the consumer the next owner had made under that name, and the messages it
+/// took came back to their owner behind later ones: an account's payments out of order.)
+fn durable(shared: &Shared, role: Role) -> String {
+    format!(
+        "{}-{}",
+        stem(shared, role),
+        shared.ledger.origin().replace('/', "-")
+    )
+}
+
+/// Deletes every consumer of `role` (the previous owners', and this node's own from an
+/// earlier start) and returns where the new one starts: right after the highest
+/// acknowledgement floor among them (`None`: there was none; the stream from its start).
+///
+/// A previous owner's consumer would deliver the messages it left unacknowledged only after
+/// their ack wait, behind newer ones: an account's transactions out of order. Starting right
+/// after the floor, everything the previous owner had not acknowledged comes again, in
+/// order; what it had finished past the floor gets its stored answer. The highest floor,
+/// because a consumer's floor means every input below it was recorded in the ledger (an
+/// input is acknowledged only once its ledger entry is), whichever owner's consumer it was.
+async fn take_over(shared: &Shared, stream: &str, role: Role) -> anyhow::Result<Option<u64>> {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    use async_nats::jetstream::stream::ConsumerErrorKind;
     let stream = shared
         .nats
         .jetstream
-        .get_stream(&source.stream)
+        .get_stream(stream)
         .await
-        .with_context(|| format!("opening {}", source.stream))?;
-    let floor = match stream.consumer_info(&source.durable).await {
-        Ok(info) => info.ack_floor.stream_sequence,
-        Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound => {
-            return Ok(None)
+        .with_context(|| format!("opening {stream}"))?;
+    let stem = stem(shared, role);
+    let own = format!("{stem}-");
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .context("listing the stream's consumers")?;
+    let mut floor: Option<u64> = None;
+    for name in names.iter().filter(|n| **n == stem || n.starts_with(&own)) {
+        match stream.consumer_info(name).await {
+            Ok(info) => floor = floor.max(Some(info.ack_floor.stream_sequence)),
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("reading the acknowledgement floor of {name}"))
+            }
         }
-        Err(e) => return Err(e).context("reading the consumer's acknowledgement floor"),
-    };
-    stream
-        .delete_consumer(&source.durable)
-        .await
-        .context("replacing the consumer")?;
-    Ok(Some(floor + 1))
+        match stream.delete_consumer(name).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), ConsumerErrorKind::JetStream(j)
+                    if j.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND) => {}
+            Err(e) => return Err(e).with_context(|| format!("deleting the consumer {name}")),
+        }
+    }
+    Ok(floor.map(|f| f + 1))
 }
 
 /// Stops a role after the batch in hand, or, if the batch does not end within

@@ -285,6 +285,14 @@ impl Ingest {
             // In a cluster the ledger entry goes first: a decision is never out before the
             // record that lets another node rebuild it.
             let recorded = match record {
+                // The lease is checked again at the write: a node paused between scoring
+                // the batch and here may have lost the partition, and its entry would land
+                // in the ledger after the new owner's rebuild read it.
+                Some(_) if !self.admits() => {
+                    self.metrics.stream_message("transactions", "retry");
+                    nak(&message, RETRY_AFTER).await;
+                    continue;
+                }
                 Some((subject, publish)) => {
                     match self.nats.jetstream().send_publish(subject, publish).await {
                         Ok(ack) => Some(ack),
