@@ -41,7 +41,9 @@ pub struct NatsConfig {
     pub url: String,
     /// Subject prefix; stream names are its upper-case form.
     pub prefix: String,
-    /// Durable consumer name, shared by every fraudgate consuming the same subjects.
+    /// Durable consumer name, shared by every fraudgate consuming the same subjects. In a
+    /// cluster, the start of each node's own consumers (`<name>-part-<p>-<node>-<start id>`,
+    /// `<name>-router-...`, `<name>-feedback-<node>`).
     pub consumer: String,
     /// Encoding of published decisions and alerts.
     pub format: Format,

@@ -173,7 +173,9 @@ pub struct Settings {
     /// and of the streams created for them.
     #[arg(long, default_value = "fraudgate")]
     pub nats_prefix: String,
-    /// Durable consumer name, shared by every fraudgate consuming the same subjects.
+    /// Durable consumer name, shared by every fraudgate consuming the same subjects. In a
+    /// cluster, the start of each node's own consumers (`<name>-part-<p>-<node>-<start id>`,
+    /// `<name>-router-...`, `<name>-feedback-<node>`).
     #[arg(long, default_value = "fraudgate")]
     pub nats_consumer: String,
     /// Encoding of the decisions and alerts published on NATS (inputs may be either).
